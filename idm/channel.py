@@ -1,0 +1,244 @@
+"""A channel endpoint: Python's handle on one side of the C ring over a link's shared memory.
+
+Everything that touches shared memory happens in C (idm/csrc/ring.c), with the GIL released by
+cffi, so a blocked receive never stalls other Python threads. Messages returned to Python are
+private copies: a zone rewriting its ring cannot change what the host already validated.
+"""
+
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, NamedTuple, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from idm._ring import ffi, lib
+from idm.wire import HEADER, Header
+
+DEFAULT_BATCH_BYTES = 256 * 1024
+DEFAULT_BATCH_MSGS = 512
+
+
+class Side(IntEnum):
+    ZONE = lib.IDM_SIDE_ZONE
+    HOST = lib.IDM_SIDE_HOST
+
+
+class RingLayout(BaseModel):
+    """Sizes of the two rings as powers of two; agreed at link setup, never read back from
+    shared memory. 512 KiB each fits the 896 grant refs a control page can list."""
+
+    model_config = ConfigDict(frozen=True)
+
+    req_order: int = Field(default=19, ge=lib.IDM_RING_ORDER_MIN, le=lib.IDM_RING_ORDER_MAX)
+    rsp_order: int = Field(default=19, ge=lib.IDM_RING_ORDER_MIN, le=lib.IDM_RING_ORDER_MAX)
+
+    @property
+    def region_size(self) -> int:
+        return int(lib.idm_region_size(self.to_c()))
+
+    @property
+    def data_pages(self) -> int:
+        return (self.region_size - lib.IDM_PAGE_SIZE) // lib.IDM_PAGE_SIZE
+
+    def to_c(self) -> Any:
+        return ffi.new("struct idm_layout *", (self.req_order, self.rsp_order))
+
+
+class BellKind(IntEnum):
+    EVENTFD = lib.IDM_BELL_EVENTFD
+    EVTCHN = lib.IDM_BELL_EVTCHN
+
+
+class Bell(NamedTuple):
+    """One ring's doorbell as seen from one side: wait on ``wait_fd``, ring ``notify_fd``."""
+
+    kind: BellKind
+    wait_fd: int
+    notify_fd: int
+    port: int = 0
+
+
+class Link(Protocol):
+    """Shared pages plus doorbells between a zone and the host (LocalLink, GrantLink)."""
+
+    @property
+    def layout(self) -> RingLayout: ...
+
+    @property
+    def memory(self) -> mmap.mmap | Any: ...
+
+    def bells(self) -> tuple[Bell, Bell]: ...
+
+    def close(self) -> None: ...
+
+
+class ChannelError(Exception):
+    """A channel operation failed; ``code`` is an errno value, ``reason`` says why."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{reason} ({errno.errorcode.get(code, code)})")
+        self.code = code
+        self.reason = reason
+
+
+class ChannelClosed(ChannelError):
+    """The peer (or we) closed the channel."""
+
+
+class PeerViolation(ChannelError):
+    """The peer broke the ring protocol; the channel is closed for good."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    header: Header
+    payload: bytes
+
+
+def _raise(ep: Any, rc: int, what: str) -> None:
+    code = -rc
+    reason = ffi.string(ep.why).decode(errors="replace") if ep.broken else os.strerror(code)
+    if code == errno.EPIPE:
+        raise ChannelClosed(code, f"{what}: channel closed")
+    if ep.broken:
+        raise PeerViolation(code, f"{what}: {reason}")
+    raise ChannelError(code, f"{what}: {reason}")
+
+
+class Channel:
+    """One side of an IDM channel over a link it owns. One thread may send while another
+    receives. ``shutdown`` may be called from any thread; ``close`` (which unmaps) only once no
+    other thread is inside a send or receive."""
+
+    def __init__(self, link: Link, side: Side, *, spin_ns: int | None = None) -> None:
+        self._link = link
+        self._memory = ffi.from_buffer(link.memory)
+        tx, rx = link.bells()
+        self._ep = ffi.new("struct idm_endpoint *")
+        rc = lib.idm_ep_init(
+            self._ep,
+            self._memory,
+            len(self._memory),
+            link.layout.to_c(),
+            side,
+            ffi.new("struct idm_bell *", tuple(tx)),
+            ffi.new("struct idm_bell *", tuple(rx)),
+        )
+        if rc:
+            raise ChannelError(-rc, "region does not match the ring layout")
+        if spin_ns is not None:
+            self._ep.spin_ns = spin_ns
+        self._hdr = ffi.new("struct idm_hdr *")
+        self._batch = bytearray(DEFAULT_BATCH_BYTES)
+        self._batch_c = ffi.from_buffer(self._batch)
+        self._offsets = ffi.new("uint32_t[]", DEFAULT_BATCH_MSGS)
+        self.version = 0
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def hello_client(self, max_payload: int, timeout_ms: int = 10_000) -> int:
+        version, agreed = ffi.new("uint16_t *"), ffi.new("uint32_t *")
+        rc = lib.idm_hello_client(self._ep, max_payload, version, agreed, timeout_ms)
+        if rc:
+            _raise(self._ep, rc, "hello")
+        self.version = version[0]
+        return int(agreed[0])
+
+    def hello_server(self, max_payload: int, timeout_ms: int = 10_000) -> int:
+        """Answer the zone's hello; returns the agreed payload limit."""
+        version = ffi.new("uint16_t *")
+        rc = lib.idm_hello_server(self._ep, max_payload, version, timeout_ms)
+        if rc == -errno.EPROTONOSUPPORT:
+            raise ChannelError(-rc, "hello: no protocol version in common with the zone")
+        if rc:
+            _raise(self._ep, rc, "hello")
+        self.version = version[0]
+        return int(self._ep.max_payload)
+
+    # -- data -----------------------------------------------------------------------------
+
+    def send(
+        self,
+        opcode: int,
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        seq: int = 0,
+        flags: int = 0,
+        status: int = 0,
+        timeout_ms: int = -1,
+    ) -> None:
+        buf = payload if isinstance(payload, bytes) else ffi.from_buffer(payload)
+        rc = lib.idm_send_msg(self._ep, opcode, flags, seq, status, buf, len(payload), timeout_ms)
+        if rc:
+            _raise(self._ep, rc, "send")
+
+    def recv(self, timeout_ms: int = -1) -> Message | None:
+        """Next message, whatever its size; None on timeout."""
+        n = lib.idm_recv_hdr(self._ep, self._hdr, timeout_ms)
+        if n == -errno.ETIMEDOUT:
+            return None
+        if n < 0:
+            _raise(self._ep, n, "receive")
+        h = self._hdr
+        header = Header(h.magic, h.version, h.flags, h.opcode, h.length, h.seq, h.status, 0)
+        payload = bytearray(n)
+        if n:
+            rc = lib.idm_recv_payload(self._ep, ffi.from_buffer(payload), n, timeout_ms)
+            if rc:
+                _raise(self._ep, rc, "receive payload")
+        return Message(header, bytes(payload))
+
+    def recv_batch(self, timeout_ms: int = -1) -> Iterator[tuple[Header, memoryview]]:
+        """Every complete message waiting (after waiting for the first), decoded in one pass.
+
+        The memoryviews point into a private buffer reused by the next receive: copy what you
+        keep. Messages too large for the batch buffer are received whole through ``recv``.
+        """
+        n = lib.idm_recv_batch(
+            self._ep, self._batch_c, len(self._batch), self._offsets, DEFAULT_BATCH_MSGS, timeout_ms
+        )
+        if n == -errno.EMSGSIZE:
+            msg = self.recv(timeout_ms)
+            if msg is not None:
+                yield msg.header, memoryview(msg.payload)
+            return
+        if n < 0:
+            _raise(self._ep, n, "receive")
+        view = memoryview(self._batch)
+        unpack = HEADER.unpack_from
+        for i in range(n):
+            off = self._offsets[i]
+            header = Header._make(unpack(self._batch, off))
+            start = off + HEADER.size
+            yield header, view[start : start + header.length]
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def max_payload(self) -> int:
+        return int(self._ep.max_payload)
+
+    @property
+    def broken_reason(self) -> str | None:
+        return ffi.string(self._ep.why).decode(errors="replace") if self._ep.broken else None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"notifies_sent": self._ep.notifies_sent, "sleeps": self._ep.sleeps}
+
+    @property
+    def link(self) -> Link:
+        return self._link
+
+    def shutdown(self) -> None:
+        """Mark our side closed and wake both sides' sleepers; pending waits end with EPIPE."""
+        lib.idm_ep_close(self._ep)
+
+    def close(self) -> None:
+        self.shutdown()
+        ffi.release(self._memory)
+        self._link.close()

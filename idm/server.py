@@ -1,0 +1,98 @@
+"""The host side's per-channel serving loop: receive, dispatch by opcode, reply.
+
+gpu-proxy runs one ``ChannelServer`` per zone channel, with its handler table generated from the
+call table. Small messages are drained in batches (one C call for many messages); anything larger
+streams through ``Channel.recv``. A peer that breaks the protocol gets its channel closed with the
+reason logged; it never takes the serving process down.
+"""
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from idm.channel import Channel, ChannelClosed, ChannelError
+from idm.wire import Flags, Header, Op, Status
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int = 0
+    payload: bytes = b""
+
+
+# A handler gets the validated header and a payload view valid only during the call. It returns
+# the reply for sync requests; for fire-and-forget requests its return value is ignored.
+Handler = Callable[[Header, memoryview], Reply | None]
+
+POLL_MS = 200
+
+
+def null_handler(header: Header, payload: memoryview) -> Reply:
+    """IDM_OP_NULL: echo the payload (health checks, benchmarks)."""
+    return Reply(Status.OK, bytes(payload))
+
+
+class ChannelServer:
+    """Serves one channel until the peer leaves, breaks the protocol, or ``stop`` is called."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        handlers: Mapping[int, Handler],
+        *,
+        max_payload: int,
+        name: str = "",
+    ) -> None:
+        self.channel = channel
+        self.handlers = dict(handlers)
+        self.handlers.setdefault(Op.NULL, null_handler)
+        self.max_payload = max_payload
+        self.name = name
+        self.served = 0
+        self.close_reason: str | None = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.channel.shutdown()
+
+    def serve(self) -> None:
+        """Run the handshake then the loop; always closes the channel before returning."""
+        log_ = log.bind(channel=self.name)
+        try:
+            self.channel.hello_server(self.max_payload)
+            log_.debug("channel up", version=self.channel.version)
+            while not self._stop.is_set():
+                for header, payload in self.channel.recv_batch(POLL_MS):
+                    self._dispatch(header, payload)
+        except ChannelClosed:
+            self.close_reason = "closed"
+        except ChannelError as exc:
+            self.close_reason = exc.reason
+            if not self._stop.is_set():
+                log_.warning("channel closed on error", reason=exc.reason, errno=exc.code)
+        finally:
+            self.channel.close()
+            log_.debug("channel down", served=self.served, reason=self.close_reason)
+
+    def _dispatch(self, header: Header, payload: memoryview) -> None:
+        self.served += 1
+        handler = self.handlers.get(header.opcode)
+        if header.is_reply:
+            raise ChannelError(0, f"zone sent a reply (opcode {header.opcode}) as a request")
+        if handler is None:
+            if not header.is_async:
+                self._reply(header, Reply(Status.UNKNOWN_OPCODE))
+            return
+        reply = handler(header, payload)
+        if not header.is_async:
+            self._reply(header, reply or Reply())
+
+    def _reply(self, header: Header, reply: Reply) -> None:
+        self.channel.send(
+            header.opcode, reply.payload, seq=header.seq, flags=Flags.REPLY, status=reply.status
+        )
