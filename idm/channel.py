@@ -8,6 +8,7 @@ private copies: a zone rewriting its ring cannot change what the host already va
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -20,6 +21,14 @@ from idm.wire import HEADER, Header
 
 DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_BATCH_MSGS = 512
+# Once a message has started, the rest must keep coming: a peer silent this long mid-message is
+# treated as dead or hostile and the channel is closed.
+STALL_TIMEOUT_MS = 10_000
+
+_UNPACK = HEADER.unpack_from
+_HDR = HEADER.size
+_EMSGSIZE = -errno.EMSGSIZE
+_new_header = tuple.__new__
 
 
 class Side(IntEnum):
@@ -96,7 +105,7 @@ class PeerViolation(ChannelError):
 @dataclass(frozen=True, slots=True)
 class Message:
     header: Header
-    payload: bytes
+    payload: bytes | bytearray
 
 
 def _raise(ep: Any, rc: int, what: str) -> None:
@@ -135,12 +144,17 @@ class Channel:
         self._hdr = ffi.new("struct idm_hdr *")
         self._batch = bytearray(DEFAULT_BATCH_BYTES)
         self._batch_c = ffi.from_buffer(self._batch)
+        self._batch_view = memoryview(self._batch)
         self._offsets = ffi.new("uint32_t[]", DEFAULT_BATCH_MSGS)
+        self._scratch = bytearray()
+        self._closed = False
+        self._state = threading.Lock()
         self.version = 0
 
     # -- handshake ------------------------------------------------------------------------
 
     def hello_client(self, max_payload: int, timeout_ms: int = 10_000) -> int:
+        self._check_open()
         version, agreed = ffi.new("uint16_t *"), ffi.new("uint32_t *")
         rc = lib.idm_hello_client(self._ep, max_payload, version, agreed, timeout_ms)
         if rc:
@@ -150,6 +164,7 @@ class Channel:
 
     def hello_server(self, max_payload: int, timeout_ms: int = 10_000) -> int:
         """Answer the zone's hello; returns the agreed payload limit."""
+        self._check_open()
         version = ffi.new("uint16_t *")
         rc = lib.idm_hello_server(self._ep, max_payload, version, timeout_ms)
         if rc == -errno.EPROTONOSUPPORT:
@@ -171,50 +186,67 @@ class Channel:
         status: int = 0,
         timeout_ms: int = -1,
     ) -> None:
-        buf = payload if isinstance(payload, bytes) else ffi.from_buffer(payload)
+        if self._closed:
+            self._check_open()
+        buf = payload if type(payload) is bytes else ffi.from_buffer(payload)
         rc = lib.idm_send_msg(self._ep, opcode, flags, seq, status, buf, len(payload), timeout_ms)
         if rc:
             _raise(self._ep, rc, "send")
 
-    def recv(self, timeout_ms: int = -1) -> Message | None:
-        """Next message, whatever its size; None on timeout."""
+    def _recv_header(self, timeout_ms: int) -> Header | None:
+        self._check_open()
         n = lib.idm_recv_hdr(self._ep, self._hdr, timeout_ms)
         if n == -errno.ETIMEDOUT:
             return None
         if n < 0:
             _raise(self._ep, n, "receive")
         h = self._hdr
-        header = Header(h.magic, h.version, h.flags, h.opcode, h.length, h.seq, h.status, 0)
-        payload = bytearray(n)
-        if n:
-            rc = lib.idm_recv_payload(self._ep, ffi.from_buffer(payload), n, timeout_ms)
+        return Header(h.magic, h.version, h.flags, h.opcode, h.length, h.seq, h.status, 0)
+
+    def _recv_payload(self, into: bytearray | memoryview, length: int) -> None:
+        if length:
+            rc = lib.idm_recv_payload(self._ep, ffi.from_buffer(into), length, STALL_TIMEOUT_MS)
             if rc:
                 _raise(self._ep, rc, "receive payload")
-        return Message(header, bytes(payload))
+
+    def recv(self, timeout_ms: int = -1) -> Message | None:
+        """Next message, whatever its size, as a private copy; None on timeout."""
+        header = self._recv_header(timeout_ms)
+        if header is None:
+            return None
+        payload = bytearray(header.length)
+        self._recv_payload(payload, header.length)
+        return Message(header, payload)
 
     def recv_batch(self, timeout_ms: int = -1) -> Iterator[tuple[Header, memoryview]]:
         """Every complete message waiting (after waiting for the first), decoded in one pass.
 
-        The memoryviews point into a private buffer reused by the next receive: copy what you
-        keep. Messages too large for the batch buffer are received whole through ``recv``.
+        The memoryviews point into private buffers reused by the next receive: copy what you
+        keep. A message too large for the batch buffer streams into a scratch buffer that is
+        kept for the next one (bounded by the agreed payload limit).
         """
+        if self._closed:
+            self._check_open()
         n = lib.idm_recv_batch(
-            self._ep, self._batch_c, len(self._batch), self._offsets, DEFAULT_BATCH_MSGS, timeout_ms
+            self._ep, self._batch_c, DEFAULT_BATCH_BYTES, self._offsets, DEFAULT_BATCH_MSGS, timeout_ms
         )
-        if n == -errno.EMSGSIZE:
-            msg = self.recv(timeout_ms)
-            if msg is not None:
-                yield msg.header, memoryview(msg.payload)
-            return
-        if n < 0:
+        if n > 0:
+            # Hot path: plain locals, and tuple.__new__ builds the NamedTuple without re-checking.
+            batch, view, offsets, unpack = self._batch, self._batch_view, self._offsets, _UNPACK
+            for i in range(n):
+                off = offsets[i]
+                header = _new_header(Header, unpack(batch, off))
+                yield header, view[off + _HDR : off + _HDR + header[4]]
+        elif n == _EMSGSIZE:
+            header = self._recv_header(timeout_ms)
+            if header is not None:
+                if len(self._scratch) < header.length:
+                    self._scratch = bytearray(header.length)
+                scratch = memoryview(self._scratch)[: header.length]
+                self._recv_payload(scratch, header.length)
+                yield header, scratch
+        elif n < 0:
             _raise(self._ep, n, "receive")
-        view = memoryview(self._batch)
-        unpack = HEADER.unpack_from
-        for i in range(n):
-            off = self._offsets[i]
-            header = Header._make(unpack(self._batch, off))
-            start = off + HEADER.size
-            yield header, view[start : start + header.length]
 
     # -- state ----------------------------------------------------------------------------
 
@@ -235,10 +267,21 @@ class Channel:
         return self._link
 
     def shutdown(self) -> None:
-        """Mark our side closed and wake both sides' sleepers; pending waits end with EPIPE."""
-        lib.idm_ep_close(self._ep)
+        """Mark our side closed and wake both sides' sleepers; pending waits end with EPIPE.
+        Safe from any thread, before or after ``close``."""
+        with self._state:
+            if not self._closed:
+                lib.idm_ep_close(self._ep)
 
     def close(self) -> None:
-        self.shutdown()
-        ffi.release(self._memory)
-        self._link.close()
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            lib.idm_ep_close(self._ep)
+            ffi.release(self._memory)
+            self._link.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed(errno.EPIPE, "channel already closed")

@@ -79,17 +79,22 @@ struct idm_hello {
 #define IDM_RING_ORDER_MAX 24 /* 16 MiB */
 #define IDM_CTRL_MAGIC 0x4C52444Du /* "MDRL" */
 #define IDM_LAYOUT_VERSION 1u
-#define IDM_CTRL_GREFS_OFFSET 512u
+#define IDM_CTRL_GREFS_OFFSET 1024u
 #define IDM_CTRL_MAX_GREFS ((IDM_PAGE_SIZE - IDM_CTRL_GREFS_OFFSET) / 4u)
 
-/* One ring direction's indices. Producer and consumer fields sit on separate cache lines. */
+/*
+ * One ring direction's indices, each on its own cache line: the indices move with every message,
+ * the sleep flags rarely, so checking "does the peer sleep?" after each publish stays a cache hit.
+ */
 struct idm_dir_ctrl {
     uint64_t prod;         /* written by the producer only */
-    uint32_t prod_waiting; /* producer sleeps until space is freed */
-    uint8_t pad0[52];
+    uint8_t pad0[56];
     uint64_t cons;         /* written by the consumer only */
+    uint8_t pad1[56];
+    uint32_t prod_waiting; /* producer sleeps until space is freed */
+    uint8_t pad2[60];
     uint32_t cons_waiting; /* consumer sleeps until data arrives */
-    uint8_t pad1[52];
+    uint8_t pad3[60];
 };
 
 struct idm_ctrl {
@@ -133,6 +138,7 @@ struct idm_endpoint {
     uint8_t *tx_data, *rx_data;
     uint64_t tx_size, rx_size; /* powers of two */
     uint64_t tx_prod;          /* authoritative copy of our producer index */
+    uint64_t tx_space_seen;    /* free bytes at the last read of the peer's consumer index */
     uint64_t rx_cons;          /* authoritative copy of our consumer index */
     volatile uint32_t *my_closed, *peer_closed;
     struct idm_bell tx_bell, rx_bell;

@@ -7,6 +7,7 @@ host sees it hang up, which is how a dead zone is noticed without any timeout.
 """
 
 import os
+import select
 import socket
 import struct
 from pathlib import Path
@@ -70,6 +71,20 @@ class LocalLink:
     def socket_fd(self) -> int:
         """Readable (EOF) when the peer process is gone."""
         return int(self._c.sock)
+
+    def peer_alive(self) -> bool:
+        """False once the peer's end of the socket is closed (its process exited or died)."""
+        ready = select.select([self._c.sock], [], [], 0)[0]
+        if not ready:
+            return True
+        with socket.socket(fileno=os.dup(self._c.sock)) as s:
+            s.setblocking(False)
+            try:
+                return s.recv(1, socket.MSG_PEEK) != b""
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
 
     def peer_credentials(self) -> tuple[int, int, int]:
         """(pid, uid, gid) of the process on the other end, from the kernel (SO_PEERCRED)."""

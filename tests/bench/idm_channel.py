@@ -1,0 +1,184 @@
+"""IDM channel benchmarks: ``python -m tests.bench.idm_channel [--quick]``.
+
+Measures, in one run on one machine (ratios matter; this machine is noisy):
+- sync null-call round trip, C client -> Python host over LocalLink, against (a) the same
+  request/response over a plain unix socket to a Python host and (b) C <-> C over the same ring;
+- fire-and-forget throughput into the Python dispatcher (batch decoding), and C <-> C;
+- a 64 MiB transfer through the channel against a plain memcpy of the same size.
+The C side is tests/bench/c/idm_bench.c, linked with the same idm/csrc files libvgpu uses.
+Results: results/bench/idm_channel.json.
+"""
+
+import argparse
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from idm.links.local import LocalListener
+from idm.server import ChannelServer
+from idm.wire import HEADER, MAX_PAYLOAD
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "idm" / "csrc"
+DRIVER_SRC = Path(__file__).resolve().parent / "c" / "idm_bench.c"
+RESULTS = ROOT / "results" / "bench" / "idm_channel.json"
+BULK_BYTES = 64 << 20
+
+GOALS = {
+    "c_to_python_null_p50_us": ("<=", 5.0),
+    "c_to_python_vs_unix_socket_speedup": (">=", 3.0),
+    "c_to_c_null_p50_us": ("<=", 1.0),
+    "python_async_msgs_per_s": (">=", 300_000),
+    "c_to_c_async_msgs_per_s": (">=", 2_000_000),
+    "python_bulk_vs_memcpy": (">=", 0.5),
+    "c_to_c_bulk_vs_memcpy": (">=", 0.5),
+}
+
+
+def build_driver(out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exe = out_dir / "idm_bench"
+    sources = [DRIVER_SRC, *(CSRC / f"{n}.c" for n in ("ring", "bell", "hello", "local_link"))]
+    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", "-o", str(exe)]
+    subprocess.run([*cmd, *map(str, sources)], check=True)
+    return exe
+
+
+def run_driver(exe: Path, *args: object) -> dict[str, Any]:
+    out = subprocess.run([str(exe), *map(str, args)], check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+@contextlib.contextmanager
+def python_host(path: Path) -> Iterator[None]:
+    """The Python side of the channel: one ChannelServer thread per connecting zone."""
+    listener = LocalListener(path)
+    servers: list[ChannelServer] = []
+    threads: list[threading.Thread] = []
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                link = listener.accept()
+            except OSError:
+                return
+            server = ChannelServer(
+                link.open_channel(), {}, max_payload=MAX_PAYLOAD, peer_alive=link.peer_alive
+            )
+            servers.append(server)
+            t = threading.Thread(target=server.serve, daemon=True)
+            threads.append(t)
+            t.start()
+
+    acceptor = threading.Thread(target=accept_loop, daemon=True)
+    acceptor.start()
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+        for t in threads:
+            t.join(5)
+        listener.close()
+
+
+@contextlib.contextmanager
+def unix_echo_host(path: Path) -> Iterator[None]:
+    """Baseline: the same request/response over a plain unix socket, served by Python."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    lsock.listen(1)
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            hdr = bytearray(HEADER.size)
+            while conn.recv_into(hdr, HEADER.size, socket.MSG_WAITALL) == HEADER.size:
+                length = HEADER.unpack_from(hdr)[4]
+                payload = conn.recv(length, socket.MSG_WAITALL) if length else b""
+                conn.sendall(bytes(hdr) + payload)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        lsock.close()
+        t.join(5)
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    calls = 20_000 if quick else 200_000
+    messages = 300_000 if quick else 2_000_000
+    reps = 3 if quick else 8
+    raw: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="idm-bench-") as tmp:
+        exe = build_driver(Path(tmp))
+        sock = Path(tmp) / "host.sock"
+        with python_host(sock):
+            raw["c_to_python_null"] = run_driver(exe, "local-null", sock, calls, 0)
+            raw["python_async"] = run_driver(exe, "local-async", sock, messages, 0)
+            raw["python_bulk"] = run_driver(exe, "local-bulk", sock, BULK_BYTES, reps)
+        usock = Path(tmp) / "unix.sock"
+        with unix_echo_host(usock):
+            raw["unix_socket_null"] = run_driver(exe, "unix-null", usock, calls, 0)
+        raw["c_to_c_null"] = run_driver(exe, "c2c-null", calls, 0)
+        raw["c_to_c_async"] = run_driver(exe, "c2c-async", messages * 5, 0)
+        raw["c_to_c_bulk"] = run_driver(exe, "c2c-bulk", BULK_BYTES, reps)
+        raw["memcpy"] = run_driver(exe, "memcpy", BULK_BYTES, reps * 2)
+    memcpy_s = raw["memcpy"]["best_s"]
+    figures = {
+        "c_to_python_null_p50_us": raw["c_to_python_null"]["p50_ns"] / 1000,
+        "c_to_python_null_p99_us": raw["c_to_python_null"]["p99_ns"] / 1000,
+        "unix_socket_null_p50_us": raw["unix_socket_null"]["p50_ns"] / 1000,
+        "c_to_python_vs_unix_socket_speedup": raw["unix_socket_null"]["p50_ns"]
+        / raw["c_to_python_null"]["p50_ns"],
+        "c_to_c_null_p50_us": raw["c_to_c_null"]["p50_ns"] / 1000,
+        "c_to_c_null_p99_us": raw["c_to_c_null"]["p99_ns"] / 1000,
+        "python_async_msgs_per_s": raw["python_async"]["msgs_per_s"],
+        "c_to_c_async_msgs_per_s": raw["c_to_c_async"]["msgs_per_s"],
+        "memcpy_gib_per_s": raw["memcpy"]["gib_per_s"],
+        "python_bulk_gib_per_s": raw["python_bulk"]["gib_per_s"],
+        "python_bulk_vs_memcpy": memcpy_s / raw["python_bulk"]["best_s"],
+        "c_to_c_bulk_vs_memcpy": memcpy_s / raw["c_to_c_bulk"]["best_s"],
+    }
+    return {"quick": quick, "figures": figures, "goals": goal_report(figures), "raw": raw}
+
+
+def goal_report(figures: dict[str, float]) -> dict[str, dict[str, Any]]:
+    report = {}
+    for name, (op, target) in GOALS.items():
+        value = figures[name]
+        met = value <= target if op == "<=" else value >= target
+        report[name] = {"value": round(value, 3), "goal": f"{op} {target}", "met": met}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (demo, smoke)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    args = parser.parse_args(argv)
+    result = measure(args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"IDM channel benchmark ({'quick' if args.quick else 'full'} run)")
+    for name, value in result["figures"].items():
+        print(f"  {name:<40} {value:>14,.3f}")
+    print("goals:")
+    for name, g in result["goals"].items():
+        print(f"  {name:<40} {g['value']:>14,.3f}  goal {g['goal']:<12} {'met' if g['met'] else 'MISSED'}")
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
