@@ -123,8 +123,16 @@ class Channel:
     receives. ``shutdown`` may be called from any thread; ``close`` (which unmaps) only once no
     other thread is inside a send or receive."""
 
-    def __init__(self, link: Link, side: Side, *, spin_ns: int | None = None) -> None:
+    def __init__(
+        self,
+        link: Link,
+        side: Side,
+        *,
+        spin_ns: int | None = None,
+        stall_timeout_ms: int = STALL_TIMEOUT_MS,
+    ) -> None:
         self._link = link
+        self.stall_timeout_ms = stall_timeout_ms
         self._memory = ffi.from_buffer(link.memory)
         tx, rx = link.bells()
         self._ep = ffi.new("struct idm_endpoint *")
@@ -205,7 +213,9 @@ class Channel:
 
     def _recv_payload(self, into: bytearray | memoryview, length: int) -> None:
         if length:
-            rc = lib.idm_recv_payload(self._ep, ffi.from_buffer(into), length, STALL_TIMEOUT_MS)
+            rc = lib.idm_recv_payload(
+                self._ep, ffi.from_buffer(into), length, self.stall_timeout_ms
+            )
             if rc:
                 _raise(self._ep, rc, "receive payload")
 

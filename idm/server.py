@@ -105,7 +105,12 @@ class ChannelServer:
             if not flags & _ASYNC:
                 self._reply(header, Reply(Status.UNKNOWN_OPCODE))
             return
-        reply = handler(header, payload)
+        try:
+            reply = handler(header, payload)
+        except Exception:
+            # A handler bug must cost this request, not the zone's channel or the process.
+            log.exception("handler failed", channel=self.name, opcode=header.opcode, seq=header.seq)
+            reply = Reply(Status.BAD_REQUEST)
         if not flags & _ASYNC:
             self._reply(header, reply or _EMPTY_OK)
 

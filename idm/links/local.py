@@ -16,7 +16,15 @@ from typing import Any
 import structlog
 
 from idm._ring import ffi, lib
-from idm.channel import Bell, BellKind, Channel, ChannelError, RingLayout, Side
+from idm.channel import (
+    STALL_TIMEOUT_MS,
+    Bell,
+    BellKind,
+    Channel,
+    ChannelError,
+    RingLayout,
+    Side,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -106,8 +114,10 @@ class LocalLink:
     def close(self) -> None:
         lib.idm_local_release(self._c)
 
-    def open_channel(self, *, spin_ns: int | None = None) -> Channel:
-        return Channel(self, self._side, spin_ns=spin_ns)
+    def open_channel(
+        self, *, spin_ns: int | None = None, stall_timeout_ms: int = STALL_TIMEOUT_MS
+    ) -> Channel:
+        return Channel(self, self._side, spin_ns=spin_ns, stall_timeout_ms=stall_timeout_ms)
 
 
 class LocalListener:

@@ -1,0 +1,103 @@
+"""The per-channel serving loop: dispatch, replies, errors, and what a zone cannot do to it."""
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from idm.channel import Channel
+from idm.server import ChannelServer, Reply
+from idm.wire import Flags, Header, Op, Status
+from tests.conftest import Pair
+
+MakePair = Callable[..., Pair]
+
+
+def start(server: ChannelServer) -> threading.Thread:
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    return t
+
+
+def call(zone: Channel, opcode: int, payload: bytes, seq: int) -> tuple[int, bytes]:
+    zone.send(opcode, payload, seq=seq)
+    reply = zone.recv(timeout_ms=2000)
+    assert reply is not None and reply.header.is_reply and reply.header.seq == seq
+    return reply.header.status, bytes(reply.payload)
+
+
+@pytest.fixture
+def served(make_pair: MakePair) -> tuple[Channel, ChannelServer, list[tuple[int, bytes]]]:
+    _, zone, host = make_pair()
+    seen: list[tuple[int, bytes]] = []
+
+    def double(header: Header, payload: memoryview) -> Reply:
+        seen.append((header.opcode, bytes(payload)))
+        return Reply(0, bytes(payload) * 2)
+
+    def record(header: Header, payload: memoryview) -> None:
+        seen.append((header.opcode, bytes(payload)))
+
+    def broken(header: Header, payload: memoryview) -> Reply:
+        raise RuntimeError("handler bug")
+
+    server = ChannelServer(host, {100: double, 101: record, 102: broken}, max_payload=1 << 20)
+    thread = start(server)
+    zone.hello_client(1 << 20)
+    yield zone, server, seen
+    server.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_sync_call_gets_its_handlers_reply(served: tuple[Channel, ChannelServer, list]) -> None:
+    zone, _, seen = served
+    assert call(zone, 100, b"ab", 1) == (0, b"abab")
+    assert seen == [(100, b"ab")]
+
+
+def test_fire_and_forget_runs_in_order_without_reply(
+    served: tuple[Channel, ChannelServer, list],
+) -> None:
+    zone, _, seen = served
+    for i in range(5):
+        zone.send(101, bytes([i]), seq=10 + i, flags=Flags.ASYNC)
+    assert call(zone, Op.NULL, b"sync", 20) == (Status.OK, b"sync")
+    assert seen == [(101, bytes([i])) for i in range(5)]
+
+
+def test_unknown_opcode_gets_an_error_reply_and_the_channel_lives(
+    served: tuple[Channel, ChannelServer, list],
+) -> None:
+    zone, _, _ = served
+    assert call(zone, 999, b"", 1)[0] == Status.UNKNOWN_OPCODE
+    zone.send(998, b"", seq=2, flags=Flags.ASYNC)
+    assert call(zone, 100, b"ok", 3) == (0, b"okok")
+
+
+def test_handler_exception_costs_only_that_request(
+    served: tuple[Channel, ChannelServer, list],
+) -> None:
+    zone, _, _ = served
+    assert call(zone, 102, b"", 1)[0] == Status.BAD_REQUEST
+    assert call(zone, 100, b"x", 2) == (0, b"xx")
+
+
+def test_zone_sending_a_reply_is_disconnected(make_pair: MakePair) -> None:
+    _, zone, host = make_pair()
+    server = ChannelServer(host, {}, max_payload=1 << 20)
+    thread = start(server)
+    zone.hello_client(1 << 20)
+    zone.send(100, b"", seq=1, flags=Flags.REPLY)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert "reply" in (server.close_reason or "")
+
+
+def test_first_message_must_be_hello(make_pair: MakePair) -> None:
+    _, zone, host = make_pair()
+    server = ChannelServer(host, {}, max_payload=1 << 20)
+    thread = start(server)
+    zone.send(100, b"", seq=1)
+    thread.join(5)
+    assert not thread.is_alive() and server.close_reason is not None
