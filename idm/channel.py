@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from idm._ring import ffi, lib
 from idm.wire import HEADER, Header
 
+PAGE_SIZE: int = lib.IDM_PAGE_SIZE
 DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_BATCH_MSGS = 512
 # Once a message has started, the rest must keep coming: a peer silent this long mid-message is
@@ -47,11 +48,12 @@ class RingLayout(BaseModel):
 
     @property
     def region_size(self) -> int:
-        return int(lib.idm_region_size(self.to_c()))
+        size: int = lib.idm_region_size(self.to_c())
+        return size
 
     @property
     def data_pages(self) -> int:
-        return (self.region_size - lib.IDM_PAGE_SIZE) // lib.IDM_PAGE_SIZE
+        return (self.region_size - PAGE_SIZE) // PAGE_SIZE
 
     def to_c(self) -> Any:
         return ffi.new("struct idm_layout *", (self.req_order, self.rsp_order))
@@ -238,7 +240,12 @@ class Channel:
         if self._closed:
             self._check_open()
         n = lib.idm_recv_batch(
-            self._ep, self._batch_c, DEFAULT_BATCH_BYTES, self._offsets, DEFAULT_BATCH_MSGS, timeout_ms
+            self._ep,
+            self._batch_c,
+            DEFAULT_BATCH_BYTES,
+            self._offsets,
+            DEFAULT_BATCH_MSGS,
+            timeout_ms,
         )
         if n > 0:
             # Hot path: plain locals, and tuple.__new__ builds the NamedTuple without re-checking.
@@ -248,13 +255,13 @@ class Channel:
                 header = _new_header(Header, unpack(batch, off))
                 yield header, view[off + _HDR : off + _HDR + header[4]]
         elif n == _EMSGSIZE:
-            header = self._recv_header(timeout_ms)
-            if header is not None:
-                if len(self._scratch) < header.length:
-                    self._scratch = bytearray(header.length)
-                scratch = memoryview(self._scratch)[: header.length]
-                self._recv_payload(scratch, header.length)
-                yield header, scratch
+            large = self._recv_header(timeout_ms)
+            if large is not None:
+                if len(self._scratch) < large.length:
+                    self._scratch = bytearray(large.length)
+                scratch = memoryview(self._scratch)[: large.length]
+                self._recv_payload(scratch, large.length)
+                yield large, scratch
         elif n < 0:
             _raise(self._ep, n, "receive")
 

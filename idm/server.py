@@ -99,7 +99,9 @@ class ChannelServer:
         self.served += 1
         flags = header.flags
         if flags & _REPLY:
-            raise PeerViolation(errno.EPROTO, f"zone sent a reply (opcode {header.opcode}) as a request")
+            raise PeerViolation(
+                errno.EPROTO, f"zone sent a reply (opcode {header.opcode}) as a request"
+            )
         handler = self.handlers.get(header.opcode)
         if handler is None:
             if not flags & _ASYNC:

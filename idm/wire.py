@@ -65,7 +65,5 @@ class Header(NamedTuple):
         return bool(self.flags & Flags.ASYNC)
 
 
-def pack_header(
-    opcode: int, length: int, seq: int, *, flags: int = 0, status: int = 0
-) -> bytes:
+def pack_header(opcode: int, length: int, seq: int, *, flags: int = 0, status: int = 0) -> bytes:
     return HEADER.pack(MAGIC, VERSION_MAX, flags, opcode, length, seq, status, 0)

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<40} {value:>14,.3f}")
     print("goals:")
     for name, g in result["goals"].items():
-        print(f"  {name:<40} {g['value']:>14,.3f}  goal {g['goal']:<12} {'met' if g['met'] else 'MISSED'}")
+        verdict = "met" if g["met"] else "MISSED"
+        print(f"  {name:<40} {g['value']:>14,.3f}  goal {g['goal']:<12} {verdict}")
     print(f"results: {args.out}")
     return 0
 

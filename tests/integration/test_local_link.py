@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from idm._ring import lib
+
 from idm.channel import ChannelError, RingLayout
 from idm.links.local import LocalLink, LocalListener
 from idm.server import ChannelServer
@@ -105,7 +105,10 @@ def refused_reason(listener: LocalListener, payload: bytes, fds: list[int]) -> s
     t.start()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(listener.path))
-        s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+        s.sendmsg(
+            [payload],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [],
+        )
         answer = s.recv(128)
     t.join(15)
     for fd in fds:
@@ -122,11 +125,20 @@ def refused_reason(listener: LocalListener, payload: bytes, fds: list[int]) -> s
         (lambda: (offer_bytes(), [sealed_memfd(REGION_12_12)]), "exactly 5 fds"),
         (lambda: (offer_bytes(), [sealed_memfd(REGION_12_12, seal=False), *eventfds()]), "sealed"),
         (lambda: (offer_bytes(), [sealed_memfd(REGION_12_12 - 4096), *eventfds()]), "size"),
-        (lambda: (offer_bytes(orders=(12, 30)), [sealed_memfd(REGION_12_12), *eventfds()]), "orders"),
-        (lambda: (offer_bytes(magic=0x41414141), [sealed_memfd(REGION_12_12), *eventfds()]), "magic"),
+        (
+            lambda: (offer_bytes(orders=(12, 30)), [sealed_memfd(REGION_12_12), *eventfds()]),
+            "orders",
+        ),
+        (
+            lambda: (offer_bytes(magic=0x41414141), [sealed_memfd(REGION_12_12), *eventfds()]),
+            "magic",
+        ),
         (lambda: (offer_bytes()[:7], [sealed_memfd(REGION_12_12), *eventfds()]), "truncated"),
         (
-            lambda: (offer_bytes(), [sealed_memfd(REGION_12_12), *eventfds(3), os.open("/dev/null", os.O_RDONLY)]),
+            lambda: (
+                offer_bytes(),
+                [sealed_memfd(REGION_12_12), *eventfds(3), os.open("/dev/null", os.O_RDONLY)],
+            ),
             "not an eventfd",
         ),
         (

@@ -46,7 +46,7 @@ def test_wraparound_keeps_order_and_content(make_pair: MakePair) -> None:
             zone.send(50, p, seq=i, timeout_ms=5000)
 
     t = run_in_thread(produce)
-    got = []
+    got: list[tuple[int, bytes]] = []
     while len(got) < len(payloads):
         got += [(h.seq, bytes(p)) for h, p in host.recv_batch(timeout_ms=5000)]
     t.join()

@@ -1,7 +1,7 @@
 """The per-channel serving loop: dispatch, replies, errors, and what a zone cannot do to it."""
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -26,8 +26,11 @@ def call(zone: Channel, opcode: int, payload: bytes, seq: int) -> tuple[int, byt
     return reply.header.status, bytes(reply.payload)
 
 
+Served = tuple[Channel, ChannelServer, list[tuple[int, bytes]]]
+
+
 @pytest.fixture
-def served(make_pair: MakePair) -> tuple[Channel, ChannelServer, list[tuple[int, bytes]]]:
+def served(make_pair: MakePair) -> Iterator[Served]:
     _, zone, host = make_pair()
     seen: list[tuple[int, bytes]] = []
 
@@ -50,14 +53,14 @@ def served(make_pair: MakePair) -> tuple[Channel, ChannelServer, list[tuple[int,
     assert not thread.is_alive()
 
 
-def test_sync_call_gets_its_handlers_reply(served: tuple[Channel, ChannelServer, list]) -> None:
+def test_sync_call_gets_its_handlers_reply(served: Served) -> None:
     zone, _, seen = served
     assert call(zone, 100, b"ab", 1) == (0, b"abab")
     assert seen == [(100, b"ab")]
 
 
 def test_fire_and_forget_runs_in_order_without_reply(
-    served: tuple[Channel, ChannelServer, list],
+    served: Served,
 ) -> None:
     zone, _, seen = served
     for i in range(5):
@@ -67,7 +70,7 @@ def test_fire_and_forget_runs_in_order_without_reply(
 
 
 def test_unknown_opcode_gets_an_error_reply_and_the_channel_lives(
-    served: tuple[Channel, ChannelServer, list],
+    served: Served,
 ) -> None:
     zone, _, _ = served
     assert call(zone, 999, b"", 1)[0] == Status.UNKNOWN_OPCODE
@@ -76,7 +79,7 @@ def test_unknown_opcode_gets_an_error_reply_and_the_channel_lives(
 
 
 def test_handler_exception_costs_only_that_request(
-    served: tuple[Channel, ChannelServer, list],
+    served: Served,
 ) -> None:
     zone, _, _ = served
     assert call(zone, 102, b"", 1)[0] == Status.BAD_REQUEST

@@ -1,0 +1,1 @@
+"""Links: the shared pages and doorbells a channel runs over (LocalLink, GrantLink)."""
