@@ -26,6 +26,7 @@ CDEF = """
 #define IDM_ST_BAD_VERSION ...
 #define IDM_ST_BAD_REQUEST ...
 #define IDM_ST_UNKNOWN_OPCODE ...
+#define IDM_ST_BAD_TABLE ...
 #define IDM_PAGE_SIZE ...
 #define IDM_RING_ORDER_MIN ...
 #define IDM_RING_ORDER_MAX ...
@@ -47,7 +48,7 @@ struct idm_hdr {
     uint64_t seq; int32_t status; uint32_t reserved;
 };
 struct idm_hello { uint16_t version_min; uint16_t version_max; uint32_t max_payload;
-                   uint64_t features; };
+                   uint64_t table_digest; };
 struct idm_dir_ctrl { uint64_t prod; uint32_t prod_waiting; uint64_t cons; uint32_t cons_waiting;
                       ...; };
 struct idm_ctrl { uint32_t magic; uint32_t layout_version; uint32_t zone_closed;
@@ -83,10 +84,10 @@ void idm_hdr_init(struct idm_hdr *hdr, uint32_t opcode, uint16_t flags, uint64_t
                   uint32_t length, int32_t status);
 int idm_bell_notify(const struct idm_bell *b);
 int idm_bell_wait(const struct idm_bell *b, int timeout_ms);
-int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *version,
-                     uint32_t *max_payload_out, int timeout_ms);
-int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *version,
-                     int timeout_ms);
+int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint64_t table_digest,
+                     uint16_t *version, uint32_t *max_payload_out, int timeout_ms);
+int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint64_t table_digest,
+                     uint16_t *version, int timeout_ms);
 int idm_local_connect(struct idm_local_link *link, const char *path,
                       const struct idm_layout *lay, char *why, size_t why_len);
 int idm_local_accept(struct idm_local_link *link, int sock, char *why, size_t why_len);

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from idm._ring import ffi, lib
-from idm.wire import HEADER, Header
+from idm.wire import HEADER, TABLE_DIGEST, Header
 
 PAGE_SIZE: int = lib.IDM_PAGE_SIZE
 DEFAULT_BATCH_BYTES = 256 * 1024
@@ -120,6 +120,17 @@ def _raise(ep: Any, rc: int, what: str) -> None:
     raise ChannelError(code, f"{what}: {reason}")
 
 
+def _check_hello(ep: Any, rc: int, peer: str) -> None:
+    if rc == -errno.EPROTONOSUPPORT:
+        raise ChannelError(-rc, f"hello: no protocol version in common with {peer}")
+    if rc == -errno.ENOMSG:
+        raise ChannelError(
+            -rc, f"hello: {peer} was built from another call table (regenerate and rebuild both)"
+        )
+    if rc:
+        _raise(ep, rc, "hello")
+
+
 class Channel:
     """One side of an IDM channel over a link it owns. One thread may send while another
     receives. ``shutdown`` may be called from any thread; ``close`` (which unmaps) only once no
@@ -163,24 +174,25 @@ class Channel:
 
     # -- handshake ------------------------------------------------------------------------
 
-    def hello_client(self, max_payload: int, timeout_ms: int = 10_000) -> int:
+    def hello_client(
+        self, max_payload: int, *, table_digest: int = TABLE_DIGEST, timeout_ms: int = 10_000
+    ) -> int:
+        """Open the channel from the zone side; returns the agreed payload limit."""
         self._check_open()
         version, agreed = ffi.new("uint16_t *"), ffi.new("uint32_t *")
-        rc = lib.idm_hello_client(self._ep, max_payload, version, agreed, timeout_ms)
-        if rc:
-            _raise(self._ep, rc, "hello")
+        rc = lib.idm_hello_client(self._ep, max_payload, table_digest, version, agreed, timeout_ms)
+        _check_hello(self._ep, rc, "the host")
         self.version = version[0]
         return int(agreed[0])
 
-    def hello_server(self, max_payload: int, timeout_ms: int = 10_000) -> int:
+    def hello_server(
+        self, max_payload: int, *, table_digest: int = TABLE_DIGEST, timeout_ms: int = 10_000
+    ) -> int:
         """Answer the zone's hello; returns the agreed payload limit."""
         self._check_open()
         version = ffi.new("uint16_t *")
-        rc = lib.idm_hello_server(self._ep, max_payload, version, timeout_ms)
-        if rc == -errno.EPROTONOSUPPORT:
-            raise ChannelError(-rc, "hello: no protocol version in common with the zone")
-        if rc:
-            _raise(self._ep, rc, "hello")
+        rc = lib.idm_hello_server(self._ep, max_payload, table_digest, version, timeout_ms)
+        _check_hello(self._ep, rc, "the zone")
         self.version = version[0]
         return int(self._ep.max_payload)
 

@@ -9,6 +9,7 @@ from enum import IntEnum, IntFlag
 from typing import NamedTuple
 
 from idm._ring import lib
+from idm.gen.codec import CALL_TABLE_DIGEST
 
 MAGIC: int = lib.IDM_MAGIC
 VERSION_MIN: int = lib.IDM_VERSION_MIN
@@ -16,6 +17,9 @@ VERSION_MAX: int = lib.IDM_VERSION_MAX
 MAX_PAYLOAD: int = lib.IDM_MAX_PAYLOAD
 OP_FIRST_CALL: int = lib.IDM_OP_FIRST_CALL
 OP_MAX: int = lib.IDM_OP_MAX
+
+# What the hello carries: the first 64 bits of the call table's digest (VGPU_CALL_TABLE_DIGEST).
+TABLE_DIGEST = int(CALL_TABLE_DIGEST[:16], 16)
 
 HEADER = struct.Struct("<IHHIIQiI")
 HELLO = struct.Struct("<HHIQ")
@@ -40,6 +44,7 @@ class Status(IntEnum):
     BAD_VERSION = lib.IDM_ST_BAD_VERSION
     BAD_REQUEST = lib.IDM_ST_BAD_REQUEST
     UNKNOWN_OPCODE = lib.IDM_ST_UNKNOWN_OPCODE
+    BAD_TABLE = lib.IDM_ST_BAD_TABLE
 
 
 class Header(NamedTuple):

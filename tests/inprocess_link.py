@@ -10,7 +10,6 @@ import os
 from typing import Any
 
 from idm._ring import ffi, lib
-
 from idm.channel import Bell, BellKind, Channel, RingLayout, Side
 
 

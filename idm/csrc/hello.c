@@ -1,7 +1,8 @@
 /*
  * The hello exchange: the first message on every channel. The zone offers a version range and
- * the largest payload it accepts; the host picks the highest common version and the smaller
- * payload limit, or refuses with IDM_ST_BAD_VERSION. Both sides then enforce the agreed limit.
+ * the largest payload it accepts, plus the digest of the call table it was built from; the host
+ * picks the highest common version and the smaller payload limit, or refuses with
+ * IDM_ST_BAD_VERSION / IDM_ST_BAD_TABLE. Both sides then enforce the agreed limit.
  */
 #include "idm.h"
 
@@ -9,10 +10,16 @@
 
 static uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
 
-int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *version,
-                     uint32_t *max_payload_out, int timeout_ms)
+static int refusal(int32_t status)
 {
-    struct idm_hello offer = {IDM_VERSION_MIN, IDM_VERSION_MAX, max_payload, 0}, answer;
+    return status == IDM_ST_BAD_TABLE ? -ENOMSG : -EPROTONOSUPPORT;
+}
+
+int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint64_t table_digest,
+                     uint16_t *version, uint32_t *max_payload_out, int timeout_ms)
+{
+    struct idm_hello offer = {IDM_VERSION_MIN, IDM_VERSION_MAX, max_payload, table_digest};
+    struct idm_hello answer;
     struct idm_hdr h;
     int64_t n;
     int rc;
@@ -30,7 +37,7 @@ int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *ve
     if (rc)
         return rc;
     if (h.status != IDM_ST_OK)
-        return -EPROTONOSUPPORT;
+        return refusal(h.status);
     if (answer.version_max < IDM_VERSION_MIN || answer.version_max > IDM_VERSION_MAX ||
         answer.max_payload == 0)
         return -EPROTO;
@@ -40,10 +47,10 @@ int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *ve
     return 0;
 }
 
-int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *version,
-                     int timeout_ms)
+int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint64_t table_digest,
+                     uint16_t *version, int timeout_ms)
 {
-    struct idm_hello offer, answer = {0, 0, 0, 0};
+    struct idm_hello offer, answer = {0, 0, 0, table_digest};
     struct idm_hdr h;
     int64_t n;
     int rc, status = IDM_ST_OK;
@@ -59,6 +66,8 @@ int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *ve
     if (offer.version_min > IDM_VERSION_MAX || offer.version_max < IDM_VERSION_MIN ||
         offer.version_min > offer.version_max || offer.max_payload == 0)
         status = IDM_ST_BAD_VERSION;
+    else if (offer.table_digest != table_digest)
+        status = IDM_ST_BAD_TABLE;
     else {
         answer.version_min = IDM_VERSION_MIN;
         answer.version_max = offer.version_max < IDM_VERSION_MAX ? offer.version_max : IDM_VERSION_MAX;
@@ -69,7 +78,7 @@ int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *ve
     if (rc)
         return rc;
     if (status != IDM_ST_OK)
-        return -EPROTONOSUPPORT;
+        return refusal(status);
     ep->max_payload = answer.max_payload;
     *version = answer.version_max;
     return 0;

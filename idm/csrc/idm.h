@@ -52,6 +52,7 @@
 #define IDM_ST_BAD_VERSION 1
 #define IDM_ST_BAD_REQUEST 2
 #define IDM_ST_UNKNOWN_OPCODE 3
+#define IDM_ST_BAD_TABLE 4 /* hello: the two sides were generated from different call tables */
 
 struct idm_hdr {
     uint32_t magic;
@@ -64,12 +65,16 @@ struct idm_hdr {
     uint32_t reserved; /* must be 0 */
 };
 
-/* Hello payload (both directions). The reply carries the chosen version in `version_max`. */
+/*
+ * Hello payload (both directions). The reply carries the chosen version in `version_max`.
+ * `table_digest` is the first 64 bits of the call table's digest (VGPU_CALL_TABLE_DIGEST): a
+ * zone and a host built from different tables would misread each other's calls, so they refuse.
+ */
 struct idm_hello {
     uint16_t version_min;
     uint16_t version_max;
     uint32_t max_payload;
-    uint64_t features;
+    uint64_t table_digest;
 };
 
 /* ---- shared layout ------------------------------------------------------------------------ */
@@ -214,13 +219,16 @@ int idm_bell_wait(const struct idm_bell *b, int timeout_ms);
 
 /* ---- hello (hello.c) ---------------------------------------------------------------------- */
 
-/* Zone side: send hello, wait for the reply; on success *version and *max_payload are set. */
-int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *version,
-                     uint32_t *max_payload_out, int timeout_ms);
+/*
+ * Zone side: send hello, wait for the reply; on success *version and *max_payload_out are set.
+ * -EPROTONOSUPPORT: no common version; -ENOMSG: the host has another call table.
+ */
+int idm_hello_client(struct idm_endpoint *ep, uint32_t max_payload, uint64_t table_digest,
+                     uint16_t *version, uint32_t *max_payload_out, int timeout_ms);
 
-/* Host side: receive the hello, answer it. -EPROTONOSUPPORT after refusing the zone's versions. */
-int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint16_t *version,
-                     int timeout_ms);
+/* Host side: receive the hello and answer it; refusals return the same codes as the client. */
+int idm_hello_server(struct idm_endpoint *ep, uint32_t max_payload, uint64_t table_digest,
+                     uint16_t *version, int timeout_ms);
 
 /* ---- LocalLink (local_link.c) ------------------------------------------------------------- */
 

@@ -27,6 +27,7 @@ from idm.wire import HEADER, MAX_PAYLOAD
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "idm" / "csrc"
+GEN = ROOT / "libvgpu" / "gen"
 DRIVER_SRC = Path(__file__).resolve().parent / "c" / "idm_bench.c"
 RESULTS = ROOT / "results" / "bench" / "idm_channel.json"
 BULK_BYTES = 64 << 20
@@ -46,7 +47,8 @@ def build_driver(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     exe = out_dir / "idm_bench"
     sources = [DRIVER_SRC, *(CSRC / f"{n}.c" for n in ("ring", "bell", "hello", "local_link"))]
-    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", "-o", str(exe)]
+    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", f"-I{GEN}"]
+    cmd += ["-o", str(exe)]
     subprocess.run([*cmd, *map(str, sources)], check=True)
     return exe
 

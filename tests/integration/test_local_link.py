@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from idm._ring import lib
 
+from idm._ring import lib
 from idm.channel import ChannelError, RingLayout
 from idm.links.local import LocalLink, LocalListener
 from idm.server import ChannelServer

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from idm._ring import lib
 
+from idm._ring import lib
 from idm.channel import ChannelClosed, ChannelError, PeerViolation
-from idm.wire import HEADER, HELLO, MAGIC, Flags, Op, pack_header
+from idm.wire import HEADER, HELLO, MAGIC, TABLE_DIGEST, Flags, Op, pack_header
 from tests.conftest import Pair
 
 MakePair = Callable[..., Pair]
@@ -222,6 +222,24 @@ def test_hello_refuses_versions_it_does_not_speak(make_pair: MakePair) -> None:
     t.join(5)
     assert reply is not None and reply.header.is_reply and reply.header.status == 1
     assert errors and "no protocol version in common" in str(errors[0])
+
+
+def test_hello_refuses_a_zone_built_from_another_call_table(make_pair: MakePair) -> None:
+    _, zone, host = make_pair()
+    errors: list[ChannelError] = []
+
+    def serve() -> None:
+        try:
+            host.hello_server(1 << 20)
+        except ChannelError as exc:
+            errors.append(exc)
+
+    t = run_in_thread(serve)
+    with pytest.raises(ChannelError, match="another call table") as exc:
+        zone.hello_client(1 << 20, table_digest=TABLE_DIGEST ^ 1)
+    t.join(5)
+    assert exc.value.code == errno.ENOMSG
+    assert errors and "another call table" in str(errors[0])
 
 
 # -- a hostile zone -------------------------------------------------------------------------

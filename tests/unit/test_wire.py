@@ -1,8 +1,12 @@
 """The Python view of the wire format must match the C header byte for byte."""
 
-from idm._ring import ffi, lib
+import re
+from pathlib import Path
 
-from idm.wire import HEADER, HELLO, MAGIC, Flags, Header, pack_header
+from idm._ring import ffi, lib
+from idm.wire import HEADER, HELLO, MAGIC, TABLE_DIGEST, Flags, Header, pack_header
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FIELDS = ["magic", "version", "flags", "opcode", "length", "seq", "status", "reserved"]
 
@@ -15,6 +19,13 @@ def test_header_layout_matches_c() -> None:
 
 def test_hello_layout_matches_c() -> None:
     assert HELLO.size == ffi.sizeof("struct idm_hello") == 16
+
+
+def test_hello_digest_is_the_one_libvgpu_is_built_with() -> None:
+    header = (ROOT / "libvgpu" / "gen" / "vgpu_calls.h").read_text()
+    match = re.search(r"#define VGPU_CALL_TABLE_DIGEST (0x[0-9a-f]+)ull", header)
+    assert match is not None
+    assert int(match.group(1), 16) == TABLE_DIGEST != 0
 
 
 def test_magic_spells_idm1() -> None:

@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include "idm.h"
+#include "vgpu_calls.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -63,7 +64,8 @@ static void connect_local(struct idm_local_link *link, const char *path, uint32_
         fprintf(stderr, "idm_bench: %s\n", why);
         exit(1);
     }
-    rc = idm_hello_client(&link->ep, IDM_MAX_PAYLOAD, &version, &agreed, 10000);
+    rc = idm_hello_client(&link->ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version, &agreed,
+                          10000);
     if (rc)
         die("hello", rc);
 }
@@ -176,7 +178,7 @@ static int serve_c(int listen_fd)
 
     if (sock < 0 || idm_local_accept(&link, sock, why, sizeof(why)))
         return 1;
-    if (idm_hello_server(&link.ep, IDM_MAX_PAYLOAD, &version, 10000))
+    if (idm_hello_server(&link.ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version, 10000))
         return 1;
     for (;;) {
         int n = idm_recv_batch(&link.ep, batch, sizeof(batch), offsets, 512, 1000);

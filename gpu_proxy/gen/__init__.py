@@ -1,0 +1,1 @@
+"""Generated gpu-proxy code (see idm/codegen.py); nothing in this package is edited by hand."""

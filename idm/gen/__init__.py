@@ -1,0 +1,1 @@
+"""Generated IDM code (see idm/codegen.py); nothing in this package is edited by hand."""
