@@ -3,6 +3,8 @@ to check: a missing device almost always means "not a Xen domain" or "module not
 
 import errno
 import os
+from types import TracebackType
+from typing import Self
 
 # Domain ids from DOMID_FIRST_RESERVED (0x7FF0) up name no real domain (DOMID_SELF, ...).
 DOMID_LIMIT = 0x7FF0
@@ -62,3 +64,18 @@ def check_count(count: int, limit: int) -> int:
     if not 1 <= count <= limit:
         raise ValueError(f"page count {count} is out of range 1..{limit}")
     return count
+
+
+class Closing:
+    """Context-manager support for the wrappers below, which all release through ``close()``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

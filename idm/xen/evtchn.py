@@ -6,12 +6,11 @@ fired, so two rings sharing one fd would steal each other's wakeups; one fd per 
 """
 
 import os
-from types import TracebackType
 from typing import Self
 
 import structlog
 
-from idm.xen._device import check, check_domid, describe, open_device
+from idm.xen._device import Closing, check, check_domid, describe, open_device
 from idm.xen._xenioctl import lib
 
 log = structlog.get_logger(__name__)
@@ -20,7 +19,7 @@ EVTCHN = "/dev/xen/evtchn"
 _U32_MAX = 0xFFFFFFFF
 
 
-class EventChannel:
+class EventChannel(Closing):
     """One local ``port`` bound on its own evtchn ``fd`` (wait on the fd, notify the port)."""
 
     def __init__(self, fd: int, device: str, port: int) -> None:
@@ -71,11 +70,3 @@ class EventChannel:
             log.warning("evtchn unbind failed", port=self.port, error=describe(-rc))
         os.close(self.fd)
         self.fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

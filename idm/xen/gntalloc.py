@@ -6,12 +6,19 @@ mapped here as one contiguous region, so a ring never has to care where a page b
 
 import mmap
 import os
-from types import TracebackType
 from typing import Self
 
 import structlog
 
-from idm.xen._device import XenDeviceError, check, check_count, check_domid, describe, open_device
+from idm.xen._device import (
+    Closing,
+    XenDeviceError,
+    check,
+    check_count,
+    check_domid,
+    describe,
+    open_device,
+)
 from idm.xen._xenioctl import ffi, lib
 
 log = structlog.get_logger(__name__)
@@ -19,7 +26,7 @@ log = structlog.get_logger(__name__)
 GNTALLOC = "/dev/xen/gntalloc"
 
 
-class GrantedPages:
+class GrantedPages(Closing):
     """``count`` zeroed pages shared writable with ``domid``; ``grefs[i]`` names page ``i``."""
 
     def __init__(
@@ -77,11 +84,3 @@ class GrantedPages:
             log.warning("gntalloc dealloc failed", device=self.device, error=describe(-rc))
         os.close(self._fd)
         self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

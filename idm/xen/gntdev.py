@@ -7,12 +7,19 @@ zone's control page and rings exactly as the zone laid them out.
 import mmap
 import os
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Self
 
 import structlog
 
-from idm.xen._device import XenDeviceError, check, check_count, check_domid, describe, open_device
+from idm.xen._device import (
+    Closing,
+    XenDeviceError,
+    check,
+    check_count,
+    check_domid,
+    describe,
+    open_device,
+)
 from idm.xen._xenioctl import ffi, lib
 
 log = structlog.get_logger(__name__)
@@ -21,7 +28,7 @@ GNTDEV = "/dev/xen/gntdev"
 _U32_MAX = 0xFFFFFFFF
 
 
-class MappedGrants:
+class MappedGrants(Closing):
     """Pages granted by ``domid``, mapped read-write here as ``memory``."""
 
     def __init__(
@@ -74,11 +81,3 @@ class MappedGrants:
             log.warning("gntdev unmap failed", device=self.device, error=describe(-rc))
         os.close(self._fd)
         self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

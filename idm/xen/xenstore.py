@@ -15,13 +15,12 @@ import queue
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import pyxs
 import structlog
 
-from idm.xen._device import describe
+from idm.xen._device import Closing, describe
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +56,7 @@ def _error(exc: Exception, op: str, path: str) -> XenstoreError:
     return XenstoreError(code, path, f"xenstore {op} {path}: {why}")
 
 
-class Xenstore:
+class Xenstore(Closing):
     """One connection to xenstore (the host's xenstored socket, or xenbus inside a zone)."""
 
     def __init__(self, client: Any, where: str) -> None:
@@ -168,16 +167,8 @@ class Xenstore:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class Watch:
+class Watch(Closing):
     """Change events for one watched path; each event is the path of the node that changed."""
 
     def __init__(self, monitor: Any, path: str, token: bytes) -> None:
@@ -199,11 +190,3 @@ class Watch:
             self._monitor.unwatch(_encode(self.path), self._token)
         except pyxs.PyXSError as exc:
             log.warning("xenstore unwatch failed", path=self.path, error=str(exc))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
