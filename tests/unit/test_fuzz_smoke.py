@@ -1,4 +1,4 @@
-"""A short atheris run of the ring fuzz target in every default test run (long runs: -m fuzz)."""
+"""A short atheris run of each fuzz target in every default test run (long runs: -m fuzz)."""
 
 import subprocess
 import sys
@@ -9,9 +9,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_fuzzer(*args: str) -> subprocess.CompletedProcess[str]:
+TARGETS = ["tests.fuzz.fuzz_ring", "tests.fuzz.fuzz_codec"]
+
+
+def run_fuzzer(target: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.fuzz_ring", *args],
+        [sys.executable, "-m", target, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -19,13 +22,15 @@ def run_fuzzer(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_ring_fuzzer_short_run() -> None:
-    result = run_fuzzer("-atheris_runs=3000", "-max_len=6000", "-len_control=0")
+@pytest.mark.parametrize("target", TARGETS)
+def test_fuzzer_short_run(target: str) -> None:
+    result = run_fuzzer(target, "-atheris_runs=3000", "-max_len=6000", "-len_control=0")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Done 3000 in" in result.stderr
 
 
 @pytest.mark.fuzz
-def test_ring_fuzzer_long_run() -> None:
-    result = run_fuzzer("-max_total_time=600", "-max_len=6000")
+@pytest.mark.parametrize("target", TARGETS)
+def test_fuzzer_long_run(target: str) -> None:
+    result = run_fuzzer(target, "-max_total_time=600", "-max_len=6000")
     assert result.returncode == 0, result.stderr[-4000:]

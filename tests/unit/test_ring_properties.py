@@ -1,5 +1,5 @@
-"""Property tests: whatever the sizes, messages arrive intact; whatever a zone writes, the host
-stays well-behaved."""
+"""Property tests: whatever the sizes, messages arrive intact; whatever a zone writes (ring bytes,
+call payloads), the host stays well-behaved."""
 
 import os
 import struct
@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from idm.channel import RingLayout, Side
 from idm.wire import pack_header
+from tests.fuzz.codec_target import decode_hostile_request
 from tests.fuzz.ring_target import consume_hostile_ring
 from tests.inprocess_link import InProcessRegion
 
@@ -69,3 +70,9 @@ def test_valid_messages_before_garbage_are_delivered(
     accepted = consume_hostile_ring(data)
     expected = [(op, len(p)) for op, p in messages]
     assert accepted[: len(expected)] == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=400))
+def test_call_decoders_accept_only_canonical_payloads(data: bytes) -> None:
+    decode_hostile_request(data)
