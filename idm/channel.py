@@ -30,6 +30,8 @@ _UNPACK = HEADER.unpack_from
 _HDR = HEADER.size
 _EMSGSIZE = -errno.EMSGSIZE
 _new_header = tuple.__new__
+_send_msg = lib.idm_send_msg
+_REPLY: int = lib.IDM_F_REPLY
 
 
 class Side(IntEnum):
@@ -214,6 +216,14 @@ class Channel:
         rc = lib.idm_send_msg(self._ep, opcode, flags, seq, status, buf, len(payload), timeout_ms)
         if rc:
             _raise(self._ep, rc, "send")
+
+    def reply(self, opcode: int, seq: int, status: int, payload: bytes) -> None:
+        """Send a reply: ``send`` without keywords or buffer conversion, for the serving loop."""
+        if self._closed:
+            self._check_open()
+        rc = _send_msg(self._ep, opcode, _REPLY, seq, status, payload, len(payload), -1)
+        if rc:
+            _raise(self._ep, rc, "reply")
 
     def _recv_header(self, timeout_ms: int) -> Header | None:
         self._check_open()

@@ -12,6 +12,7 @@ Results: results/bench/idm_channel.json.
 import argparse
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -53,8 +54,32 @@ def build_driver(out_dir: Path) -> Path:
     return exe
 
 
-def run_driver(exe: Path, *args: object) -> dict[str, Any]:
-    out = subprocess.run([str(exe), *map(str, args)], check=True, capture_output=True, text=True)
+def pick_cpus() -> tuple[int, int] | None:
+    """Two CPUs for host and client: pinning removes the run-to-run swings that come from where
+    the scheduler happens to place the two spinning sides. None with fewer than two CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return (allowed[0], allowed[1]) if len(allowed) >= 2 else None
+
+
+@contextlib.contextmanager
+def pinned_host(cpus: tuple[int, int] | None) -> Iterator[None]:
+    """Pin this process (and the host threads it starts) to the host CPU for the block."""
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, {cpus[0]})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run_driver(exe: Path, *args: object, cpus: tuple[int, int] | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if cpus:
+        env["IDM_BENCH_CPUS"] = f"{cpus[0]},{cpus[1]}"
+    out = subprocess.run(
+        [str(exe), *map(str, args)], check=True, capture_output=True, text=True, env=env
+    )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
 
@@ -122,20 +147,21 @@ def measure(quick: bool) -> dict[str, Any]:
     messages = 300_000 if quick else 2_000_000
     reps = 3 if quick else 8
     raw: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="idm-bench-") as tmp:
+    cpus = pick_cpus()
+    with tempfile.TemporaryDirectory(prefix="idm-bench-") as tmp, pinned_host(cpus):
         exe = build_driver(Path(tmp))
         sock = Path(tmp) / "host.sock"
         with python_host(sock):
-            raw["c_to_python_null"] = run_driver(exe, "local-null", sock, calls, 0)
-            raw["python_async"] = run_driver(exe, "local-async", sock, messages, 0)
-            raw["python_bulk"] = run_driver(exe, "local-bulk", sock, BULK_BYTES, reps)
+            raw["c_to_python_null"] = run_driver(exe, "local-null", sock, calls, 0, cpus=cpus)
+            raw["python_async"] = run_driver(exe, "local-async", sock, messages, 0, cpus=cpus)
+            raw["python_bulk"] = run_driver(exe, "local-bulk", sock, BULK_BYTES, reps, cpus=cpus)
         usock = Path(tmp) / "unix.sock"
         with unix_echo_host(usock):
-            raw["unix_socket_null"] = run_driver(exe, "unix-null", usock, calls, 0)
-        raw["c_to_c_null"] = run_driver(exe, "c2c-null", calls, 0)
-        raw["c_to_c_async"] = run_driver(exe, "c2c-async", messages * 5, 0)
-        raw["c_to_c_bulk"] = run_driver(exe, "c2c-bulk", BULK_BYTES, reps)
-        raw["memcpy"] = run_driver(exe, "memcpy", BULK_BYTES, reps * 2)
+            raw["unix_socket_null"] = run_driver(exe, "unix-null", usock, calls, 0, cpus=cpus)
+        raw["c_to_c_null"] = run_driver(exe, "c2c-null", calls, 0, cpus=cpus)
+        raw["c_to_c_async"] = run_driver(exe, "c2c-async", messages * 5, 0, cpus=cpus)
+        raw["c_to_c_bulk"] = run_driver(exe, "c2c-bulk", BULK_BYTES, reps, cpus=cpus)
+        raw["memcpy"] = run_driver(exe, "memcpy", BULK_BYTES, reps * 2, cpus=cpus)
     memcpy_s = raw["memcpy"]["best_s"]
     figures = {
         "c_to_python_null_p50_us": raw["c_to_python_null"]["p50_ns"] / 1000,
@@ -152,7 +178,13 @@ def measure(quick: bool) -> dict[str, Any]:
         "python_bulk_vs_memcpy": memcpy_s / raw["python_bulk"]["best_s"],
         "c_to_c_bulk_vs_memcpy": memcpy_s / raw["c_to_c_bulk"]["best_s"],
     }
-    return {"quick": quick, "figures": figures, "goals": goal_report(figures), "raw": raw}
+    return {
+        "quick": quick,
+        "cpus": {"host": cpus[0], "client": cpus[1]} if cpus else None,
+        "figures": figures,
+        "goals": goal_report(figures),
+        "raw": raw,
+    }
 
 
 def goal_report(figures: dict[str, float]) -> dict[str, dict[str, Any]]:

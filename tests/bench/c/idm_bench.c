@@ -6,13 +6,15 @@
  *   unix-null PATH N SIZE      the same request/response over a plain unix socket (baseline)
  *   c2c-null|c2c-async N SIZE, c2c-bulk BYTES REPS   as above against a C host in a child process
  *   memcpy BYTES REPS          memcpy bandwidth between two warm buffers (baseline)
- * Prints one JSON object on stdout.
+ * Prints one JSON object on stdout. With IDM_BENCH_CPUS="H,C" the host side (the c2c child) runs
+ * on CPU H and the client on CPU C, so runs do not depend on where the scheduler puts them.
  */
 #define _GNU_SOURCE
 #include "idm.h"
 #include "vgpu_calls.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +36,25 @@ static void die(const char *what, int rc)
     fprintf(stderr, "idm_bench: %s: %s\n", what, strerror(rc < 0 ? -rc : rc));
     exit(1);
 }
+
+/* role 0: host side, 1: client side */
+static void pin_self(int role)
+{
+    const char *spec = getenv("IDM_BENCH_CPUS");
+    int cpus[2];
+    cpu_set_t set;
+
+    if (!spec || sscanf(spec, "%d,%d", &cpus[0], &cpus[1]) != 2)
+        return;
+    CPU_ZERO(&set);
+    CPU_SET(cpus[role], &set);
+    if (sched_setaffinity(0, sizeof(set), &set))
+        die("sched_setaffinity", errno);
+}
+
+/* Latency runs start only after this much warm-up: the first few hundred ms of a run on these
+ * machines are measurably slower (caches, frequency, the host's scheduler settling). */
+#define WARMUP_NS 300000000ull
 
 static int cmp_u64(const void *a, const void *b)
 {
@@ -92,8 +113,8 @@ static void run_null(struct idm_endpoint *ep, const char *mode, long n, size_t s
 {
     char *buf = calloc(1, size + 1), *reply = calloc(1, size + 1);
     uint64_t *lat = calloc((size_t)n, sizeof(uint64_t));
-    for (long i = 0; i < n / 10 + 100; i++) /* warm-up */
-        sync_call(ep, (uint64_t)i + 1, buf, (uint32_t)size, reply);
+    for (uint64_t i = 1, t0 = now_ns(); now_ns() - t0 < WARMUP_NS; i++)
+        sync_call(ep, i, buf, (uint32_t)size, reply);
     for (long i = 0; i < n; i++) {
         uint64_t t0 = now_ns();
         sync_call(ep, (uint64_t)i + 1, buf, (uint32_t)size, reply);
@@ -226,13 +247,16 @@ static void run_unix_null(const char *path, long n, size_t size)
     uint8_t *msg = calloc(1, total), *reply = calloc(1, total);
     uint64_t *lat = calloc((size_t)n, sizeof(uint64_t));
     idm_hdr_init((struct idm_hdr *)msg, IDM_OP_NULL, 0, 0, (uint32_t)size, 0);
-    for (long i = -(n / 10 + 100); i < n; i++) {
+    for (uint64_t t0 = now_ns(), t = t0; t - t0 < WARMUP_NS; t = now_ns())
+        if (send(fd, msg, total, 0) != (ssize_t)total ||
+            recv(fd, reply, total, MSG_WAITALL) != (ssize_t)total)
+            die("unix round trip", errno);
+    for (long i = 0; i < n; i++) {
         uint64_t t0 = now_ns();
         if (send(fd, msg, total, 0) != (ssize_t)total ||
             recv(fd, reply, total, MSG_WAITALL) != (ssize_t)total)
             die("unix round trip", errno);
-        if (i >= 0)
-            lat[i] = now_ns() - t0;
+        lat[i] = now_ns() - t0;
     }
     print_latency("unix-null", lat, n, size);
     close(fd);
@@ -245,6 +269,7 @@ int main(int argc, char **argv)
     char path[108];
     pid_t child = 0;
 
+    pin_self(1);
     if (!strcmp(mode, "memcpy") && argc == 4) {
         run_memcpy(strtoull(argv[2], NULL, 0), atol(argv[3]));
         return 0;
@@ -262,8 +287,10 @@ int main(int argc, char **argv)
         if (bind(lfd, (struct sockaddr *)&addr, sizeof(addr)) || listen(lfd, 1))
             die("listen", errno);
         child = fork();
-        if (child == 0)
+        if (child == 0) {
+            pin_self(0);
             _exit(serve_c(lfd));
+        }
         close(lfd);
         argv[1] += 4; /* "null" | "async" | "bulk" */
         memmove(argv + 3, argv + 2, 2 * sizeof(char *));
