@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the default test suite (unit + integration + a short fuzz run), then lint.
-# Slow suites have their own commands: scripts/bench.sh (benchmarks); `-m xen`, `-m kernel`.
+# Set up, lint, check generated code, then run the tests: unit, integration, property tests, a
+# short fuzz run of each target and the benchmarks (figures reported, never asserted), in one
+# pytest session. Slow suites have their own commands: `-m fuzz` (long fuzzing), later `-m xen`
+# and `-m kernel`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +10,4 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python -m idm.codegen --check
-exec .venv/bin/pytest "$@"
+exec .venv/bin/pytest -m "not xen and not kernel and not fuzz" "$@"
