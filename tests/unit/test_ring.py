@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from idm._ring import lib
-from idm.channel import ChannelClosed, ChannelError, PeerViolation
+from idm.channel import Channel, ChannelClosed, ChannelError, PeerViolation
 from idm.wire import HEADER, HELLO, MAGIC, TABLE_DIGEST, Flags, Op, pack_header
 from tests.conftest import Pair
 
@@ -141,39 +141,30 @@ def test_send_cut_mid_message_breaks_the_channel(make_pair: MakePair) -> None:
         zone.send(68, b"", seq=2)
 
 
-def test_peer_close_ends_a_blocked_receive(make_pair: MakePair) -> None:
+def blocked_receiver(channel: Channel) -> tuple[threading.Thread, list[ChannelClosed]]:
+    """A thread asleep in a long receive; it records the ChannelClosed that ends it."""
+    closed: list[ChannelClosed] = []
+
+    def wait() -> None:
+        try:
+            channel.recv(timeout_ms=10_000)
+        except ChannelClosed as exc:
+            closed.append(exc)
+
+    t = run_in_thread(wait)
+    time.sleep(0.05)
+    return t, closed
+
+
+@pytest.mark.parametrize("closer", ["zone", "host"])
+def test_shutdown_by_either_side_ends_a_blocked_receive(make_pair: MakePair, closer: str) -> None:
     _, zone, host = make_pair(spin_ns=0)
-    errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            host.recv(timeout_ms=10_000)
-        except ChannelClosed as exc:
-            errors.append(exc)
-
-    t = run_in_thread(wait)
-    time.sleep(0.05)
+    t, closed = blocked_receiver(host)
     t0 = time.monotonic()
-    zone.shutdown()
+    (zone if closer == "zone" else host).shutdown()
     t.join(5)
-    assert len(errors) == 1 and time.monotonic() - t0 < 2
-
-
-def test_own_shutdown_wakes_own_receiver(make_pair: MakePair) -> None:
-    _, _zone, host = make_pair(spin_ns=0)
-    errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            host.recv(timeout_ms=10_000)
-        except ChannelClosed as exc:
-            errors.append(exc)
-
-    t = run_in_thread(wait)
-    time.sleep(0.05)
-    host.shutdown()
-    t.join(5)
-    assert not t.is_alive() and len(errors) == 1
+    assert not t.is_alive() and len(closed) == 1
+    assert time.monotonic() - t0 < 2
 
 
 def test_data_sent_before_close_is_still_delivered(make_pair: MakePair) -> None:
