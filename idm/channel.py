@@ -29,6 +29,7 @@ STALL_TIMEOUT_MS = 10_000
 _UNPACK = HEADER.unpack_from
 _HDR = HEADER.size
 _EMSGSIZE = -errno.EMSGSIZE
+_ETIMEDOUT = -errno.ETIMEDOUT
 _new_header = tuple.__new__
 _send_msg = lib.idm_send_msg
 _REPLY: int = lib.IDM_F_REPLY
@@ -161,6 +162,7 @@ class Channel:
             ffi.new("struct idm_bell *", tuple(rx)),
         )
         if rc:
+            ffi.release(self._memory)
             raise ChannelError(-rc, "region does not match the ring layout")
         if spin_ns is not None:
             self._ep.spin_ns = spin_ns
@@ -218,10 +220,17 @@ class Channel:
             _raise(self._ep, rc, "send")
 
     def reply(self, opcode: int, seq: int, status: int, payload: bytes) -> None:
-        """Send a reply: ``send`` without keywords or buffer conversion, for the serving loop."""
+        """Send a reply: ``send`` without keywords or buffer conversion, for the serving loop.
+        A zone that leaves its replies unread for ``stall_timeout_ms`` is treated as stalled."""
         if self._closed:
             self._check_open()
-        rc = _send_msg(self._ep, opcode, _REPLY, seq, status, payload, len(payload), -1)
+        rc = _send_msg(
+            self._ep, opcode, _REPLY, seq, status, payload, len(payload), self.stall_timeout_ms
+        )
+        if rc == _ETIMEDOUT and not self._ep.broken:
+            raise ChannelError(
+                -rc, f"reply: the zone left its response ring full for {self.stall_timeout_ms} ms"
+            )
         if rc:
             _raise(self._ep, rc, "reply")
 

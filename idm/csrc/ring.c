@@ -18,6 +18,9 @@
 
 #define HDR_SIZE ((uint64_t)sizeof(struct idm_hdr))
 #define DEFAULT_SPIN_NS 50000u
+/* Longest single sleep: a close by another thread of ours is noticed within this even where the
+ * doorbell cannot be rung from our own side (Xen event channels). */
+#define MAX_SLEEP_MS 1000
 
 _Static_assert(sizeof(struct idm_hdr) == 32, "wire header is 32 bytes");
 _Static_assert(sizeof(struct idm_hello) == 16, "hello payload is 16 bytes");
@@ -221,7 +224,9 @@ static int64_t wait_for(struct idm_endpoint *ep, int64_t (*probe)(struct idm_end
             v = -ETIMEDOUT;
             break;
         }
-        wait_ms = deadline == UINT64_MAX ? -1 : (int)((deadline - now + 999999u) / 1000000u);
+        wait_ms = deadline == UINT64_MAX || deadline - now >= (uint64_t)MAX_SLEEP_MS * 1000000u
+                      ? MAX_SLEEP_MS
+                      : (int)((deadline - now + 999999u) / 1000000u);
         ep->sleeps++;
         r = idm_bell_wait(bell, wait_ms);
         if (r < 0) {

@@ -137,7 +137,8 @@ class LocalListener:
 
     def accept(self) -> LocalLink:
         """Wait for one zone and take its offer. A bad offer raises ChannelError (logged); the
-        listener stays usable."""
+        listener stays usable. A zone that connects and then says nothing holds this call for
+        up to 10 s, so a daemon accepts on a thread of its own and serves each link on another."""
         conn, _ = self._sock.accept()
         try:
             return LocalLink.accept(conn)

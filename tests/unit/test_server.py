@@ -104,3 +104,15 @@ def test_first_message_must_be_hello(make_pair: MakePair) -> None:
     zone.send(100, b"", seq=1)
     thread.join(5)
     assert not thread.is_alive() and server.close_reason is not None
+
+
+def test_zone_that_never_reads_its_replies_is_cut_off(make_pair: MakePair) -> None:
+    _, zone, host = make_pair(rsp_order=12, stall_timeout_ms=200)
+    server = ChannelServer(host, {}, max_payload=1 << 20)
+    thread = start(server)
+    zone.hello_client(1 << 20)
+    for seq in range(1, 20):  # 19 KiB of replies for a 4 KiB response ring
+        zone.send(Op.NULL, b"r" * 1024, seq=seq)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert "left its response ring full for 200 ms" in (server.close_reason or "")
