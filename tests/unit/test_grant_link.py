@@ -4,9 +4,7 @@ then (marked ``xen``) a loopback in a real Dom0."""
 
 import errno
 import struct
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,9 +31,10 @@ from idm.links.grant import (
 )
 from idm.xen._device import XenDeviceError
 from idm.xen.xenstore import Xenstore, XenstoreError
-from tests.unit.xen_fakes import FakeXen, FakeXenstored
+from tests.unit.conftest import XS_ZONE
+from tests.unit.xen_fakes import FakeXen
 
-ZONE = 7
+ZONE = XS_ZONE
 LAYOUT = RingLayout(req_order=13, rsp_order=12)  # 2 + 1 ring pages
 GOOD = {
     "ring-ref": "8",
@@ -172,27 +171,6 @@ def test_decode_refuses_bad_ref_lists(refs: list[int], count: int, message: str)
 @pytest.fixture
 def xen() -> FakeXen:
     return FakeXen()
-
-
-@pytest.fixture
-def xenstored(tmp_path: Path) -> Iterator[FakeXenstored]:
-    server = FakeXenstored(tmp_path)
-    server.add_domain(0)
-    server.add_domain(ZONE)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def host_xs(xenstored: FakeXenstored) -> Iterator[Xenstore]:
-    with Xenstore.connect(socket_path=xenstored.listen(0)) as xs:
-        yield xs
-
-
-@pytest.fixture
-def zone_xs(xenstored: FakeXenstored) -> Iterator[Xenstore]:
-    with Xenstore.connect(socket_path=xenstored.listen(ZONE)) as xs:
-        yield xs
 
 
 def act_as(monkeypatch: pytest.MonkeyPatch, xen: FakeXen, domid: int) -> type[Any]:

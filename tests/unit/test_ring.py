@@ -197,8 +197,8 @@ def test_hello_agrees_on_the_smaller_payload_limit(make_pair: MakePair) -> None:
     assert agreed == [1 << 20] and zone.version == host.version == 1
 
 
-def test_hello_refuses_versions_it_does_not_speak(make_pair: MakePair) -> None:
-    _, zone, host = make_pair()
+def hello_host(host: Channel) -> tuple[threading.Thread, list[ChannelError]]:
+    """A thread answering one hello; it records the error a refusal raises on the host."""
     errors: list[ChannelError] = []
 
     def serve() -> None:
@@ -207,7 +207,12 @@ def test_hello_refuses_versions_it_does_not_speak(make_pair: MakePair) -> None:
         except ChannelError as exc:
             errors.append(exc)
 
-    t = run_in_thread(serve)
+    return run_in_thread(serve), errors
+
+
+def test_hello_refuses_versions_it_does_not_speak(make_pair: MakePair) -> None:
+    _, zone, host = make_pair()
+    t, errors = hello_host(host)
     zone.send(Op.HELLO, HELLO.pack(7, 9, 1 << 20, 0), seq=0)
     reply = zone.recv(timeout_ms=2000)
     t.join(5)
@@ -217,15 +222,7 @@ def test_hello_refuses_versions_it_does_not_speak(make_pair: MakePair) -> None:
 
 def test_hello_refuses_a_zone_built_from_another_call_table(make_pair: MakePair) -> None:
     _, zone, host = make_pair()
-    errors: list[ChannelError] = []
-
-    def serve() -> None:
-        try:
-            host.hello_server(1 << 20)
-        except ChannelError as exc:
-            errors.append(exc)
-
-    t = run_in_thread(serve)
+    t, errors = hello_host(host)
     with pytest.raises(ChannelError, match="another call table") as exc:
         zone.hello_client(1 << 20, table_digest=TABLE_DIGEST ^ 1)
     t.join(5)
