@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libffi-dev)
+APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libffi-dev
+    # the nested Xen testbed (tests/xen): emulator, Dom0 root builder, guest initramfs, ext4
+    qemu-system-x86 mmdebstrap busybox-static e2fsprogs)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

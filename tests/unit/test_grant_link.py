@@ -392,7 +392,7 @@ def test_offer_refuses_a_layout_too_big_before_granting(
 # -- a real Dom0 (nested Xen testbed) ----------------------------------------------------------
 
 
-@pytest.mark.xen
+@pytest.mark.dom0
 def test_loopback_in_dom0_carries_a_message() -> None:
     """Dom0 offers to itself and attaches: real gntalloc, gntdev, evtchn and xenstored."""
     with Xenstore.connect() as xs:

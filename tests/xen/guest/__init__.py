@@ -1,0 +1,1 @@
+"""The testbed's PV guest image: its payload, /init and builder."""
