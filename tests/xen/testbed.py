@@ -9,7 +9,8 @@ No machine here runs Xen, but Xen runs nested under QEMU/TCG (facts: ../shared/X
 
 The image (Xen ELF, Dom0 kernel + initrd, an ext4 root with xen-utils, python3 and the project's
 Python dependencies, and the PV guest kernel + initramfs) is cached under $VGPU_TESTBED_CACHE
-(default /var/cache/vgpu-testbed), keyed by everything that goes into it. Each run gets a fresh
+(default /var/cache/vgpu-testbed), keyed by everything that goes into it; building a new image
+removes the images of older inputs. Each run gets a fresh
 share (9p) holding the payload (the checkout's files as a tar) and receiving the results: the
 command's exit code, Dom0's log, guest consoles, and whatever the command writes to
 $TESTBED_SHARE. The serial log holds Xen's and the Dom0 kernel's consoles. The root disk is
@@ -258,6 +259,10 @@ def build_image(cache: Path = CACHE, *, log: bool = True) -> Image:
     (work / "ready").write_text(f"built in {time.monotonic() - started:.0f} s\n")
     shutil.rmtree(image.dir, ignore_errors=True)
     work.rename(image.dir)
+    # Images of older inputs are ~1 GB each and never used again.
+    for old in cache.iterdir():
+        if old != image.dir and (old / "ready").exists():
+            shutil.rmtree(old, ignore_errors=True)
     if log:
         print(f"testbed: built {image.dir} in {time.monotonic() - started:.0f} s", flush=True)
     return image
