@@ -8,7 +8,12 @@ from __future__ import annotations
 
 CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_OUT_OF_MEMORY = 2
+CUDA_ERROR_INVALID_IMAGE = 200
+CUDA_ERROR_INVALID_CONTEXT = 201
+CUDA_ERROR_NO_BINARY_FOR_GPU = 209
 CUDA_ERROR_INVALID_HANDLE = 400
+CUDA_ERROR_NOT_FOUND = 500
+CUDA_ERROR_NOT_READY = 600
 
 
 class CudaError(Exception):
@@ -35,3 +40,42 @@ class InvalidHandle(CudaError):
     (CUDA_ERROR_INVALID_HANDLE)."""
 
     result = CUDA_ERROR_INVALID_HANDLE
+
+
+class InvalidImage(CudaError):
+    """A module image that is malformed or unsupported (CUDA_ERROR_INVALID_IMAGE)."""
+
+    result = CUDA_ERROR_INVALID_IMAGE
+
+
+class InvalidContext(CudaError):
+    """A context that was destroyed or is not one of this backend's (CUDA_ERROR_INVALID_CONTEXT)."""
+
+    result = CUDA_ERROR_INVALID_CONTEXT
+
+
+class NoBinaryForGpu(CudaError):
+    """A well-formed module with no code the device can run (CUDA_ERROR_NO_BINARY_FOR_GPU)."""
+
+    result = CUDA_ERROR_NO_BINARY_FOR_GPU
+
+
+class NotFound(CudaError):
+    """A named symbol (e.g. a kernel) that the module does not have (CUDA_ERROR_NOT_FOUND)."""
+
+    result = CUDA_ERROR_NOT_FOUND
+
+
+class NotReady(CudaError):
+    """Work that a query or timing needs has not completed yet (CUDA_ERROR_NOT_READY)."""
+
+    result = CUDA_ERROR_NOT_READY
+
+
+class DriverError(CudaError):
+    """A CUresult from the real driver that has no class of its own above; `result` is the
+    driver's code, so the zone sees exactly what the driver said."""
+
+    def __init__(self, result: int, message: str) -> None:
+        super().__init__(message)
+        self.result = result

@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libffi-dev
     # the nested Xen testbed (tests/xen): emulator, Dom0 root builder, guest initramfs, ext4
-    qemu-system-x86 mmdebstrap busybox-static e2fsprogs)
+    qemu-system-x86 mmdebstrap busybox-static e2fsprogs
+    # promtool checks gpu-proxy's /metrics exposition
+    prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

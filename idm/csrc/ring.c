@@ -332,22 +332,32 @@ int idm_send_msg(struct idm_endpoint *ep, uint32_t opcode, uint16_t flags, uint6
 
 /* ---- receive ------------------------------------------------------------------------------- */
 
-static int check_hdr(struct idm_endpoint *ep, const struct idm_hdr *h)
+/* What is wrong with a header copy, or NULL. No side effects: see check_hdr. */
+static const char *hdr_error(const struct idm_endpoint *ep, const struct idm_hdr *h, char *why,
+                             size_t len)
 {
     if (h->magic != IDM_MAGIC)
-        return ep_break(ep, EPROTO, "bad magic 0x%08x", h->magic);
-    if (h->version < IDM_VERSION_MIN || h->version > IDM_VERSION_MAX)
-        return ep_break(ep, EPROTO, "unsupported version %u", h->version);
-    if (h->flags & ~IDM_F_KNOWN)
-        return ep_break(ep, EPROTO, "unknown flags 0x%x", h->flags);
-    if (h->reserved)
-        return ep_break(ep, EPROTO, "reserved field is 0x%x, must be 0", h->reserved);
-    if (h->opcode > IDM_OP_MAX)
-        return ep_break(ep, EPROTO, "opcode %u out of range", h->opcode);
-    if (h->length > ep->max_payload)
-        return ep_break(ep, EPROTO, "payload of %u bytes exceeds the %u-byte limit", h->length,
-                        ep->max_payload);
-    return 0;
+        snprintf(why, len, "bad magic 0x%08x", h->magic);
+    else if (h->version < IDM_VERSION_MIN || h->version > IDM_VERSION_MAX)
+        snprintf(why, len, "unsupported version %u", h->version);
+    else if (h->flags & ~IDM_F_KNOWN)
+        snprintf(why, len, "unknown flags 0x%x", h->flags);
+    else if (h->reserved)
+        snprintf(why, len, "reserved field is 0x%x, must be 0", h->reserved);
+    else if (h->opcode > IDM_OP_MAX)
+        snprintf(why, len, "opcode %u out of range", h->opcode);
+    else if (h->length > ep->max_payload)
+        snprintf(why, len, "payload of %u bytes exceeds the %u-byte limit", h->length,
+                 ep->max_payload);
+    else
+        return NULL;
+    return why;
+}
+
+static int check_hdr(struct idm_endpoint *ep, const struct idm_hdr *h)
+{
+    char why[sizeof(ep->why)];
+    return hdr_error(ep, h, why, sizeof(why)) ? ep_break(ep, EPROTO, "%s", why) : 0;
 }
 
 int64_t idm_recv_hdr(struct idm_endpoint *ep, struct idm_hdr *hdr, int timeout_ms)
@@ -410,6 +420,7 @@ int idm_recv_batch(struct idm_endpoint *ep, void *buf, uint32_t cap, uint32_t *o
     uint64_t pos, used = 0;
     uint32_t count = 0;
     int64_t avail;
+    char why[sizeof(ep->why)];
 
     if (ep->broken)
         return -ep->broken;
@@ -429,6 +440,9 @@ int idm_recv_batch(struct idm_endpoint *ep, void *buf, uint32_t cap, uint32_t *o
         if (have < HDR_SIZE)
             break;
         ring_get(ep->rx_data, ep->rx_size, pos, (uint8_t *)&h, HDR_SIZE);
+        /* Deliver the valid messages before a bad one; the next call meets it and breaks. */
+        if (count && hdr_error(ep, &h, why, sizeof(why)))
+            break;
         rc = check_hdr(ep, &h);
         if (rc)
             return rc;

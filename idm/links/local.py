@@ -6,6 +6,7 @@ maps anything (``idm_local_accept``). The socket stays open: when the zone proce
 host sees it hang up, which is how a dead zone is noticed without any timeout.
 """
 
+import contextlib
 import os
 import select
 import socket
@@ -147,5 +148,9 @@ class LocalListener:
             raise
 
     def close(self) -> None:
+        """Stop listening; a thread blocked in ``accept`` wakes with OSError (shutdown does
+        that on Linux, close alone does not)."""
+        with contextlib.suppress(OSError):  # already shut down
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self.path.unlink(missing_ok=True)

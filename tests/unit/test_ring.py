@@ -310,3 +310,13 @@ def test_region_smaller_than_layout_is_refused() -> None:
     assert lib.idm_ep_init(ep, buf, 4096, lay, 1, bell, bell) == -errno.EINVAL
     assert lib.idm_region_size(ffi.new("struct idm_layout *", (11, 12))) == 0
     assert lib.idm_region_size(ffi.new("struct idm_layout *", (25, 12))) == 0
+
+
+def test_batch_delivers_valid_messages_before_a_bad_header(make_pair: MakePair) -> None:
+    region, _, host = make_pair()
+    stream = pack_header(80, 3, 1) + b"abc" + b"EVIL" + pack_header(80, 0, 2)[4:]
+    put_raw(region, region.req_offset, stream)
+    publish_prod(region, len(stream))
+    assert [(h.seq, bytes(p)) for h, p in host.recv_batch(timeout_ms=100)] == [(1, b"abc")]
+    with pytest.raises(PeerViolation, match="bad magic"):
+        list(host.recv_batch(timeout_ms=100))

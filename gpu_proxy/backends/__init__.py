@@ -1,0 +1,1 @@
+"""GPU backends behind one narrow interface (base.GpuBackend): sim, later cuda."""

@@ -1,0 +1,65 @@
+"""gpu-proxy's configuration: defaults, then a TOML file, then VGPU_PROXY_* environment variables
+(highest). Validated once at start-up, so a bad value stops the daemon with a clear message
+instead of failing later on a zone's call."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG = Path("/etc/vgpu-isolated/gpu-proxy.toml")
+
+
+class ProxyConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VGPU_PROXY_", extra="forbid")
+
+    backend: Literal["auto", "cuda", "sim"] = Field(
+        "auto", description="cuda: the real GPU; sim: host-memory device; auto: cuda if usable"
+    )
+    sim_model: str = Field("H100-SXM5-80GB", description="device the sim backend presents")
+    gpu: int = Field(0, ge=0, description="device ordinal this proxy serves")
+    socket_dir: Path = Field(
+        Path("/run/vgpu-isolated/zones"), description="one unix socket per zone (process backend)"
+    )
+    default_memory_limit: int = Field(
+        8 << 30, gt=0, description="device memory quota of a zone registered without one (bytes)"
+    )
+    metrics_host: str = Field("0.0.0.0", description="address of /metrics and /healthz")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="0 picks a free port")
+    events_address: str = Field(
+        "unix:///run/vgpu-isolated/gpu-proxy-events.sock",
+        description="gRPC address of the zone event stream (unix:///path or host:port)",
+    )
+    log_json: bool = Field(True, description="JSON lines (services) or console (humans)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_config(path: Path | None) -> ProxyConfig:
+    """The configuration from ``path`` (must exist if given) or the default file if present."""
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    chosen = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+
+    class FromFile(ProxyConfig):
+        model_config = SettingsConfigDict(
+            env_prefix="VGPU_PROXY_", extra="forbid", toml_file=chosen
+        )
+
+    return FromFile()

@@ -1,0 +1,369 @@
+"""The proxy's call handlers: zone handles → backend objects, every pointer and length checked
+against the zone's own allocations, memory charged to the zone's quota, then the backend runs.
+
+One handler per call, overriding the generated ``CallHandlers`` (gpu_proxy/gen/dispatch_table,
+generated from idm/calls.toml); ``call_handlers`` gives the channel server its table. The error
+of a fire-and-forget call is kept on the caller and returned by its next synchronous call,
+which then does not run (so nothing it would have created is lost), as CUDA reports
+asynchronous errors.
+"""
+
+import time
+from collections.abc import Callable
+
+from cuda.bindings.driver import CUresult
+
+from gpu_proxy.backends.base import Stream
+from gpu_proxy.errors import CudaError, InvalidValue, OutOfMemory
+from gpu_proxy.gen.dispatch_table import DISPATCH, CallHandlers, invoke
+from gpu_proxy.handles import HandleKind
+from gpu_proxy.telemetry.events import EventKind
+from gpu_proxy.telemetry.zone_stats import MemcpyDirection
+from gpu_proxy.zone import Caller
+from idm.callcodec import DecodeError
+from idm.gen import codec as c
+from idm.server import Reply
+from idm.wire import Header
+
+CUDA_SUCCESS = 0
+CUDA_ERROR_INVALID_VALUE = 1
+CUDA_ERROR_INVALID_DEVICE = 101
+CUDA_ERROR_NOT_READY = 600
+CUDA_ERROR_NOT_SUPPORTED = 801
+DEVICE = 0  # one GPU per proxy instance; a zone sees it as device 0
+
+H = HandleKind
+
+
+def _stream(caller: Caller, handle: int) -> Stream | None:
+    obj: Stream | None = caller.zone.handles.get_optional(H.STREAM, handle)
+    return obj
+
+
+def _check_device(dev: int) -> None:
+    if dev != DEVICE:
+        raise _InvalidDevice()
+
+
+class _InvalidDevice(CudaError):
+    result = CUDA_ERROR_INVALID_DEVICE
+
+
+class ProxyCalls(CallHandlers[Caller]):
+    """The handlers every backend shares: isolation, quota and bookkeeping live here."""
+
+    # -- init and device ----------------------------------------------------------------------
+
+    def cuInit(self, ctx: Caller, req: c.cuInit_Request) -> int:
+        return CUDA_SUCCESS if req.Flags == 0 else CUDA_ERROR_INVALID_VALUE
+
+    def cuDriverGetVersion(
+        self, ctx: Caller, req: c.cuDriverGetVersion_Request
+    ) -> c.cuDriverGetVersion_Reply:
+        return c.cuDriverGetVersion_Reply(ctx.zone.backend.device_info().driver_version)
+
+    def cuDeviceGetCount(
+        self, ctx: Caller, req: c.cuDeviceGetCount_Request
+    ) -> c.cuDeviceGetCount_Reply:
+        return c.cuDeviceGetCount_Reply(1)
+
+    def cuDeviceGet(self, ctx: Caller, req: c.cuDeviceGet_Request) -> c.cuDeviceGet_Reply:
+        _check_device(req.ordinal)
+        return c.cuDeviceGet_Reply(DEVICE)
+
+    def cuDeviceGetName(
+        self, ctx: Caller, req: c.cuDeviceGetName_Request
+    ) -> c.cuDeviceGetName_Reply | int:
+        _check_device(req.dev)
+        if req.len <= 0:
+            return CUDA_ERROR_INVALID_VALUE
+        name = ctx.zone.backend.device_info().name.encode()[: req.len - 1] + b"\0"
+        return c.cuDeviceGetName_Reply(name)
+
+    def cuDeviceGetUuid_v2(
+        self, ctx: Caller, req: c.cuDeviceGetUuid_v2_Request
+    ) -> c.cuDeviceGetUuid_v2_Reply:
+        _check_device(req.dev)
+        return c.cuDeviceGetUuid_v2_Reply(ctx.zone.backend.device_info().uuid)
+
+    def cuDeviceTotalMem_v2(
+        self, ctx: Caller, req: c.cuDeviceTotalMem_v2_Request
+    ) -> c.cuDeviceTotalMem_v2_Reply:
+        _check_device(req.dev)
+        return c.cuDeviceTotalMem_v2_Reply(ctx.zone.ledger.mem_info(ctx.zone.id)[1])
+
+    def cuDeviceGetAttribute(
+        self, ctx: Caller, req: c.cuDeviceGetAttribute_Request
+    ) -> c.cuDeviceGetAttribute_Reply | int:
+        _check_device(req.dev)
+        value = ctx.zone.backend.device_info().attributes.get(req.attrib)
+        return CUDA_ERROR_INVALID_VALUE if value is None else c.cuDeviceGetAttribute_Reply(value)
+
+    # -- contexts: one per zone ---------------------------------------------------------------
+
+    def cuDevicePrimaryCtxRetain(
+        self, ctx: Caller, req: c.cuDevicePrimaryCtxRetain_Request
+    ) -> c.cuDevicePrimaryCtxRetain_Reply:
+        _check_device(req.dev)
+        return c.cuDevicePrimaryCtxRetain_Reply(ctx.zone.context_handle)
+
+    def cuDevicePrimaryCtxRelease_v2(
+        self, ctx: Caller, req: c.cuDevicePrimaryCtxRelease_v2_Request
+    ) -> int:
+        _check_device(req.dev)
+        return CUDA_SUCCESS
+
+    def cuDevicePrimaryCtxGetState(
+        self, ctx: Caller, req: c.cuDevicePrimaryCtxGetState_Request
+    ) -> c.cuDevicePrimaryCtxGetState_Reply:
+        _check_device(req.dev)
+        return c.cuDevicePrimaryCtxGetState_Reply(0, 1)
+
+    def cuCtxCreate_v2(self, ctx: Caller, req: c.cuCtxCreate_v2_Request) -> c.cuCtxCreate_v2_Reply:
+        # A zone gets exactly one context on the device; every context it creates is that one.
+        _check_device(req.dev)
+        return c.cuCtxCreate_v2_Reply(ctx.zone.context_handle)
+
+    def cuCtxDestroy_v2(self, ctx: Caller, req: c.cuCtxDestroy_v2_Request) -> int:
+        ctx.zone.handles.get(H.CONTEXT, req.ctx)
+        return CUDA_SUCCESS
+
+    def cuCtxSynchronize(self, ctx: Caller, req: c.cuCtxSynchronize_Request) -> int:
+        ctx.zone.backend.synchronize(ctx.zone.context)
+        return CUDA_SUCCESS
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def cuMemGetInfo_v2(
+        self, ctx: Caller, req: c.cuMemGetInfo_v2_Request
+    ) -> c.cuMemGetInfo_v2_Reply:
+        free, total = ctx.zone.ledger.mem_info(ctx.zone.id)
+        return c.cuMemGetInfo_v2_Reply(free, total)
+
+    def cuMemAlloc_v2(self, ctx: Caller, req: c.cuMemAlloc_v2_Request) -> c.cuMemAlloc_v2_Reply:
+        zone = ctx.zone
+        if req.bytesize == 0:
+            raise InvalidValue("zero-byte allocation")
+        try:
+            zone.ledger.reserve(zone.id, req.bytesize)  # before the backend: no race
+        except OutOfMemory:
+            used, limit = zone.memory()
+            zone.bus.publish(
+                zone.id, EventKind.QUOTA_EXCEEDED, "device memory quota exceeded",
+                requested=req.bytesize, used=used, limit=limit,
+            )  # fmt: skip
+            raise
+        try:
+            ptr = zone.backend.mem_alloc(zone.context, req.bytesize)
+        except BaseException:
+            zone.ledger.release(zone.id, req.bytesize)
+            raise
+        zone.allocations.add(ptr, req.bytesize)
+        zone.stats.record_allocation()
+        return c.cuMemAlloc_v2_Reply(ptr)
+
+    def cuMemFree_v2(self, ctx: Caller, req: c.cuMemFree_v2_Request) -> int:
+        zone = ctx.zone
+        size = zone.allocations.remove(req.dptr)
+        zone.backend.mem_free(zone.context, req.dptr)
+        zone.ledger.release(zone.id, size)
+        zone.stats.record_free()
+        return CUDA_SUCCESS
+
+    def _htod(self, ctx: Caller, dst: int, data: memoryview, stream: Stream | None) -> int:
+        ctx.zone.allocations.check_range(dst, len(data))
+        ctx.zone.backend.memcpy_htod(ctx.zone.context, dst, data, stream)
+        ctx.zone.stats.record_memcpy(MemcpyDirection.HTOD, len(data))
+        return CUDA_SUCCESS
+
+    def _dtoh(self, ctx: Caller, src: int, size: int, stream: Stream | None) -> bytes:
+        ctx.zone.allocations.check_range(src, size)
+        data = ctx.zone.backend.memcpy_dtoh(ctx.zone.context, src, size, stream)
+        ctx.zone.stats.record_memcpy(MemcpyDirection.DTOH, size)
+        return data
+
+    def _dtod(self, ctx: Caller, dst: int, src: int, size: int, stream: Stream | None) -> int:
+        ctx.zone.allocations.check_range(dst, size)
+        ctx.zone.allocations.check_range(src, size)
+        ctx.zone.backend.memcpy_dtod(ctx.zone.context, dst, src, size, stream)
+        ctx.zone.stats.record_memcpy(MemcpyDirection.DTOD, size)
+        return CUDA_SUCCESS
+
+    def _memset(
+        self, ctx: Caller, dst: int, value: int, width: int, count: int, stream: Stream | None
+    ) -> int:
+        ctx.zone.allocations.check_range(dst, width * count)
+        ctx.zone.backend.memset(ctx.zone.context, dst, value, width, count, stream)
+        return CUDA_SUCCESS
+
+    def cuMemcpyHtoD_v2(self, ctx: Caller, req: c.cuMemcpyHtoD_v2_Request) -> int:
+        return self._htod(ctx, req.dstDevice, memoryview(req.srcHost), None)
+
+    def cuMemcpyDtoH_v2(
+        self, ctx: Caller, req: c.cuMemcpyDtoH_v2_Request
+    ) -> c.cuMemcpyDtoH_v2_Reply:
+        return c.cuMemcpyDtoH_v2_Reply(self._dtoh(ctx, req.srcDevice, req.ByteCount, None))
+
+    def cuMemcpyDtoD_v2(self, ctx: Caller, req: c.cuMemcpyDtoD_v2_Request) -> int:
+        return self._dtod(ctx, req.dstDevice, req.srcDevice, req.ByteCount, None)
+
+    def cuMemcpyHtoDAsync_v2(self, ctx: Caller, req: c.cuMemcpyHtoDAsync_v2_Request) -> int:
+        stream = _stream(ctx, req.hStream)
+        return self._htod(ctx, req.dstDevice, memoryview(req.srcHost), stream)
+
+    def cuMemcpyDtoHAsync_v2(
+        self, ctx: Caller, req: c.cuMemcpyDtoHAsync_v2_Request
+    ) -> c.cuMemcpyDtoHAsync_v2_Reply:
+        stream = _stream(ctx, req.hStream)
+        return c.cuMemcpyDtoHAsync_v2_Reply(self._dtoh(ctx, req.srcDevice, req.ByteCount, stream))
+
+    def cuMemcpyDtoDAsync_v2(self, ctx: Caller, req: c.cuMemcpyDtoDAsync_v2_Request) -> int:
+        stream = _stream(ctx, req.hStream)
+        return self._dtod(ctx, req.dstDevice, req.srcDevice, req.ByteCount, stream)
+
+    def cuMemsetD8_v2(self, ctx: Caller, req: c.cuMemsetD8_v2_Request) -> int:
+        return self._memset(ctx, req.dstDevice, req.uc, 1, req.N, None)
+
+    def cuMemsetD32_v2(self, ctx: Caller, req: c.cuMemsetD32_v2_Request) -> int:
+        return self._memset(ctx, req.dstDevice, req.ui, 4, req.N, None)
+
+    def cuMemsetD8Async(self, ctx: Caller, req: c.cuMemsetD8Async_Request) -> int:
+        return self._memset(ctx, req.dstDevice, req.uc, 1, req.N, _stream(ctx, req.hStream))
+
+    def cuMemsetD32Async(self, ctx: Caller, req: c.cuMemsetD32Async_Request) -> int:
+        return self._memset(ctx, req.dstDevice, req.ui, 4, req.N, _stream(ctx, req.hStream))
+
+    # -- modules and launches -------------------------------------------------------------------
+
+    def cuModuleLoadData(
+        self, ctx: Caller, req: c.cuModuleLoadData_Request
+    ) -> c.cuModuleLoadData_Reply:
+        module = ctx.zone.backend.module_load(ctx.zone.context, bytes(req.image))
+        return c.cuModuleLoadData_Reply(ctx.zone.handles.add(H.MODULE, module))
+
+    def cuModuleUnload(self, ctx: Caller, req: c.cuModuleUnload_Request) -> int:
+        module = ctx.zone.handles.remove(H.MODULE, req.hmod)  # its functions go with it
+        ctx.zone.backend.module_unload(ctx.zone.context, module)
+        return CUDA_SUCCESS
+
+    def cuModuleGetFunction(
+        self, ctx: Caller, req: c.cuModuleGetFunction_Request
+    ) -> c.cuModuleGetFunction_Reply:
+        zone = ctx.zone
+        module = zone.handles.get(H.MODULE, req.hmod)
+        fn = zone.backend.module_function(zone.context, module, req.name.decode(errors="replace"))
+        return c.cuModuleGetFunction_Reply(zone.handles.add(H.FUNCTION, fn, parent=req.hmod))
+
+    def cuFuncGetAttribute(self, ctx: Caller, req: c.cuFuncGetAttribute_Request) -> int:
+        ctx.zone.handles.get(H.FUNCTION, req.hfunc)
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuLaunchKernel(self, ctx: Caller, req: c.cuLaunchKernel_Request) -> int:
+        zone = ctx.zone
+        fn = zone.handles.get(H.FUNCTION, req.f)
+        zone.backend.launch(
+            zone.context,
+            fn,
+            (req.gridDimX, req.gridDimY, req.gridDimZ),
+            (req.blockDimX, req.blockDimY, req.blockDimZ),
+            req.sharedMemBytes,
+            _stream(ctx, req.hStream),
+            bytes(req.params),
+        )
+        zone.stats.record_launch()
+        return CUDA_SUCCESS
+
+    # -- streams and events ---------------------------------------------------------------------
+
+    def cuStreamCreate(self, ctx: Caller, req: c.cuStreamCreate_Request) -> c.cuStreamCreate_Reply:
+        stream = ctx.zone.backend.stream_create(ctx.zone.context, req.Flags)
+        return c.cuStreamCreate_Reply(ctx.zone.handles.add(H.STREAM, stream))
+
+    def cuStreamDestroy_v2(self, ctx: Caller, req: c.cuStreamDestroy_v2_Request) -> int:
+        stream = ctx.zone.handles.remove(H.STREAM, req.hStream)
+        ctx.zone.backend.stream_destroy(ctx.zone.context, stream)
+        return CUDA_SUCCESS
+
+    def cuStreamSynchronize(self, ctx: Caller, req: c.cuStreamSynchronize_Request) -> int:
+        ctx.zone.backend.stream_synchronize(ctx.zone.context, _stream(ctx, req.hStream))
+        return CUDA_SUCCESS
+
+    def cuStreamQuery(self, ctx: Caller, req: c.cuStreamQuery_Request) -> int:
+        idle = ctx.zone.backend.stream_query(ctx.zone.context, _stream(ctx, req.hStream))
+        return CUDA_SUCCESS if idle else CUDA_ERROR_NOT_READY
+
+    def cuStreamWaitEvent(self, ctx: Caller, req: c.cuStreamWaitEvent_Request) -> int:
+        event = ctx.zone.handles.get(H.EVENT, req.hEvent)
+        ctx.zone.backend.stream_wait_event(ctx.zone.context, _stream(ctx, req.hStream), event)
+        return CUDA_SUCCESS
+
+    def cuEventCreate(self, ctx: Caller, req: c.cuEventCreate_Request) -> c.cuEventCreate_Reply:
+        event = ctx.zone.backend.event_create(ctx.zone.context, req.Flags)
+        return c.cuEventCreate_Reply(ctx.zone.handles.add(H.EVENT, event))
+
+    def cuEventRecord(self, ctx: Caller, req: c.cuEventRecord_Request) -> int:
+        event = ctx.zone.handles.get(H.EVENT, req.hEvent)
+        ctx.zone.backend.event_record(ctx.zone.context, event, _stream(ctx, req.hStream))
+        return CUDA_SUCCESS
+
+    def cuEventSynchronize(self, ctx: Caller, req: c.cuEventSynchronize_Request) -> int:
+        event = ctx.zone.handles.get(H.EVENT, req.hEvent)
+        ctx.zone.backend.event_synchronize(ctx.zone.context, event)
+        return CUDA_SUCCESS
+
+    def cuEventQuery(self, ctx: Caller, req: c.cuEventQuery_Request) -> int:
+        event = ctx.zone.handles.get(H.EVENT, req.hEvent)
+        done = ctx.zone.backend.event_query(ctx.zone.context, event)
+        return CUDA_SUCCESS if done else CUDA_ERROR_NOT_READY
+
+    def cuEventElapsedTime(
+        self, ctx: Caller, req: c.cuEventElapsedTime_Request
+    ) -> c.cuEventElapsedTime_Reply:
+        start = ctx.zone.handles.get(H.EVENT, req.hStart)
+        end = ctx.zone.handles.get(H.EVENT, req.hEnd)
+        ms = ctx.zone.backend.event_elapsed_ms(ctx.zone.context, start, end)
+        return c.cuEventElapsedTime_Reply(ms)
+
+    def cuEventDestroy_v2(self, ctx: Caller, req: c.cuEventDestroy_v2_Request) -> int:
+        event = ctx.zone.handles.remove(H.EVENT, req.hEvent)
+        ctx.zone.backend.event_destroy(ctx.zone.context, event)
+        return CUDA_SUCCESS
+
+
+HANDLERS = ProxyCalls()
+_RESULT_NAMES: dict[int, str] = {int(r): str(r.name) for r in CUresult}
+
+
+def result_name(status: int) -> str:
+    """The CUresult's name for metrics labels (dashboards read names, not numbers)."""
+    return _RESULT_NAMES.get(status, str(status))
+
+
+Handler = Callable[[Header, memoryview], Reply | None]
+
+
+def call_handlers(caller: Caller) -> dict[int, Handler]:
+    """The channel server's table for one caller: every call opcode of the call table."""
+
+    stats = caller.zone.stats
+
+    def handle(header: Header, payload: memoryview) -> Reply | None:
+        entry = DISPATCH[header.opcode]
+        if not entry.is_async and caller.deferred_error:
+            status, caller.deferred_error = caller.deferred_error, 0
+            return Reply(status)
+        started = time.perf_counter()
+        try:
+            status, reply = invoke(HANDLERS, caller, entry, payload)
+        except DecodeError:
+            status, reply = CUDA_ERROR_INVALID_VALUE, b""
+        except CudaError as exc:
+            status, reply = exc.result, b""
+        stats.record_call(entry.name, result_name(status), time.perf_counter() - started)
+        if entry.is_async:
+            if status and not caller.deferred_error:
+                caller.deferred_error = status
+            return None
+        return Reply(status, reply)
+
+    return dict.fromkeys(DISPATCH, handle)

@@ -1,0 +1,132 @@
+"""ZoneRegistry: the zones gpu-proxy serves, and the channels each one has open.
+
+The runtime registers a zone (process backend: locally; Xen: a xenstore watch, later) and gets
+back the socket its guest processes connect to. Each connection is one guest process: a
+LocalLink, a Caller and a ChannelServer thread. A call's zone is the socket it arrived on, never
+anything the guest says. Removing a zone stops its channels and tears it down completely.
+"""
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from gpu_proxy.backends.base import GpuBackend
+from gpu_proxy.dispatch import call_handlers
+from gpu_proxy.quota import MemoryLedger
+from gpu_proxy.telemetry.events import EventBus, EventKind
+from gpu_proxy.telemetry.zone_stats import ProxyStats, ZoneIdentity
+from gpu_proxy.zone import Caller, Zone
+from idm.channel import ChannelError
+from idm.links.local import LocalListener
+from idm.server import ChannelServer
+from idm.wire import MAX_PAYLOAD
+
+log = structlog.get_logger(__name__)
+
+
+class ZoneAlreadyRegistered(ValueError):
+    """A zone id is registered once; re-registering would orphan the first one's objects."""
+
+
+class _ZoneEndpoint:
+    """One zone's listener and the servers of its connected guest processes."""
+
+    def __init__(self, zone: Zone, path: Path) -> None:
+        self.zone = zone
+        self.listener = LocalListener(path)
+        self.servers: list[ChannelServer] = []
+        self.threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.acceptor = threading.Thread(target=self._accept_loop, name=f"accept-{zone.id}")
+        self.acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                link = self.listener.accept()
+            except ChannelError:
+                continue  # refused offer, already logged; keep serving this zone
+            except OSError:
+                return  # listener closed
+            server = ChannelServer(
+                link.open_channel(),
+                call_handlers(Caller(self.zone)),
+                max_payload=MAX_PAYLOAD,
+                name=self.zone.id,
+                peer_alive=link.peer_alive,
+            )
+            thread = threading.Thread(
+                target=self._serve, args=(server,), name=f"zone-{self.zone.id}"
+            )
+            with self._lock:
+                self.servers.append(server)
+                self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, server: ChannelServer) -> None:
+        bus, zone = self.zone.bus, self.zone.id
+        bus.publish(zone, EventKind.CHANNEL_OPENED, "guest process connected")
+        server.serve()
+        reason = server.close_reason or "stopped"
+        if reason in ("closed", "peer process gone", "stopped"):
+            bus.publish(zone, EventKind.CHANNEL_CLOSED, reason)
+        else:
+            bus.publish(zone, EventKind.PROTOCOL_VIOLATION, reason)
+
+    def close(self) -> None:
+        self.listener.close()  # wakes the acceptor
+        self.acceptor.join(10)
+        with self._lock:
+            servers, threads = list(self.servers), list(self.threads)
+        for server in servers:
+            server.stop()
+        for thread in threads:
+            thread.join(10)
+
+
+class ZoneRegistry:
+    def __init__(self, backend: GpuBackend, socket_dir: Path, bus: EventBus | None = None) -> None:
+        self.backend = backend
+        self.ledger = MemoryLedger(backend.device_info().total_mem)
+        self.socket_dir = socket_dir
+        self.bus = bus if bus is not None else EventBus()
+        self.proxy_stats = ProxyStats()
+        self._zones: dict[str, _ZoneEndpoint] = {}
+        self._lock = threading.Lock()
+
+    def register(self, identity: ZoneIdentity, memory_limit: int) -> Path:
+        """Create the zone and its context; returns the socket its guest processes use."""
+        zone_id = identity.zone
+        with self._lock:
+            if zone_id in self._zones:
+                raise ZoneAlreadyRegistered(f"zone {zone_id!r} is already registered")
+            zone = Zone(identity, self.backend, self.ledger, memory_limit, self.bus)
+            path = self.socket_dir / f"{zone_id}.sock"
+            self._zones[zone_id] = _ZoneEndpoint(zone, path)
+        log.info("zone registered", zone=zone_id, memory_limit=zone.memory_limit, socket=str(path))
+        self.bus.publish(zone_id, EventKind.ZONE_REGISTERED, "zone registered", socket=path)
+        return path
+
+    def remove(self, zone_id: str) -> dict[str, int]:
+        """Stop the zone's channels and release everything it held; returns what was reclaimed.
+        Unknown zones are fine (removal is idempotent, as the runtime may retry)."""
+        with self._lock:
+            endpoint = self._zones.pop(zone_id, None)
+        if endpoint is None:
+            return {}
+        endpoint.close()
+        reclaimed = dict(endpoint.zone.teardown())
+        self.proxy_stats.record_teardown(reclaimed)
+        self.bus.publish(zone_id, EventKind.ZONE_REMOVED, "zone removed")
+        return reclaimed
+
+    def zones(self) -> Iterator[Zone]:
+        with self._lock:
+            endpoints = list(self._zones.values())
+        return (e.zone for e in endpoints)
+
+    def close(self) -> None:
+        for zone_id in [z.id for z in self.zones()]:
+            self.remove(zone_id)

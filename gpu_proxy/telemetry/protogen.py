@@ -1,0 +1,87 @@
+"""Generate the event stream's Python code from gpu_proxy/telemetry/events.proto.
+
+    python -m gpu_proxy.telemetry.protogen            regenerate gpu_proxy/telemetry/gen/events_*
+    python -m gpu_proxy.telemetry.protogen --check    exit 1, listing the stale files, if any
+
+The outputs are checked in so gpu-proxy needs no protoc at run time; grpcio-tools is pinned, so
+regeneration is byte-identical and a test runs --check. The proto is compiled under the virtual
+path gpu_proxy/telemetry/gen/ so the generated grpc module imports its messages by their real
+package path (protoc's usual output imports a top-level `events_pb2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTO = Path("gpu_proxy/telemetry/events.proto")
+GEN = Path("gpu_proxy/telemetry/gen")
+OUTPUTS = ("events_pb2.py", "events_pb2.pyi", "events_pb2_grpc.py")
+
+
+def generate(root: Path, out: Path) -> None:
+    """Compile root/PROTO into out/GEN/ (raises RuntimeError if protoc fails)."""
+    well_known = resources.files("grpc_tools") / "_proto"
+    out.mkdir(parents=True, exist_ok=True)
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{GEN}={root / PROTO.parent}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            str(GEN / PROTO.name),
+        ]
+    )
+    if rc != 0:
+        raise RuntimeError(f"protoc failed on {root / PROTO} (exit {rc})")
+
+
+def stale_files(root: Path) -> list[str]:
+    """The outputs under root whose checked-in text differs from a fresh generation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(root, Path(tmp))
+        stale = []
+        for name in OUTPUTS:
+            fresh = (Path(tmp) / GEN / name).read_bytes()
+            current = root / GEN / name
+            if not current.exists() or current.read_bytes() != fresh:
+                stale.append(str(GEN / name))
+        return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m gpu_proxy.telemetry.protogen", description=(__doc__ or "").split("\n")[0]
+    )
+    ap.add_argument("--check", action="store_true", help="only report stale outputs (exit 1)")
+    ap.add_argument("--root", type=Path, default=ROOT, help="repository root to work under")
+    args = ap.parse_args(argv)
+    if args.check:
+        stale = stale_files(args.root)
+        for rel in stale:
+            print(f"stale: {rel}", file=sys.stderr)
+        if stale:
+            print(
+                "protogen: generated files are out of date: "
+                "run `python -m gpu_proxy.telemetry.protogen`",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    generate(args.root, args.root)
+    for name in OUTPUTS:
+        print(f"wrote {GEN / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
