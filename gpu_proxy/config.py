@@ -3,7 +3,7 @@
 instead of failing later on a zone's call."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -51,8 +51,9 @@ class ProxyConfig(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
 
-def load_config(path: Path | None) -> ProxyConfig:
-    """The configuration from ``path`` (must exist if given) or the default file if present."""
+def load_config(path: Path | None, **overrides: Any) -> ProxyConfig:
+    """The configuration from ``path`` (must exist if given) or the default file if present;
+    ``overrides`` (command-line options) win over everything and are validated the same way."""
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     chosen = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
@@ -62,4 +63,4 @@ def load_config(path: Path | None) -> ProxyConfig:
             env_prefix="VGPU_PROXY_", extra="forbid", toml_file=chosen
         )
 
-    return FromFile()
+    return FromFile(**overrides)

@@ -1,0 +1,98 @@
+"""The gpu-proxy daemon as a real process: start-up, a guest's calls, /healthz, a /metrics scrape
+that promtool accepts, and a clean SIGTERM shutdown that leaves no zone socket behind."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from idm.gen.codec import CALLS_BY_NAME
+from idm.links.local import LocalLink
+from idm.wire import MAX_PAYLOAD
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_proxy(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "gpu_proxy", "--backend", "sim",
+            "--socket-dir", str(tmp_path / "zones"), "--metrics-port", "0",
+            "--events-address", f"unix://{tmp_path / 'events.sock'}", *extra,
+        ],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VGPU_PROXY_LOG_LEVEL": "info"},
+    )  # fmt: skip
+
+
+def wait_for_log(proc: subprocess.Popen[str], event: str, timeout: float = 30) -> dict[str, Any]:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        record: dict[str, Any] = json.loads(line)
+        if record.get("event") == event:
+            return record
+    raise AssertionError(f"gpu-proxy never logged {event!r} (exit {proc.poll()})")
+
+
+def test_daemon_serves_a_zone_and_shuts_down_cleanly(tmp_path: Path) -> None:
+    proc = start_proxy(tmp_path, "--zone", "demo=67108864")
+    try:
+        serving = wait_for_log(proc, "gpu-proxy serving")
+        assert "vgpu sim" in serving["device"]
+        metrics_url = serving["metrics"].replace("0.0.0.0", "127.0.0.1")
+        wait_for_log(proc, "static zone")
+        with urllib.request.urlopen(metrics_url.replace("/metrics", "/healthz")) as health:
+            assert health.status == 200
+        channel = LocalLink.connect(tmp_path / "zones" / "demo.sock").open_channel()
+        channel.hello_client(MAX_PAYLOAD)
+        alloc = CALLS_BY_NAME["cuMemAlloc_v2"]
+        channel.send(alloc.opcode, alloc.encode_request(1 << 20), seq=1)
+        reply = channel.recv(timeout_ms=10_000)
+        assert reply is not None and reply.header.status == 0
+        with urllib.request.urlopen(metrics_url) as response:
+            exposition = response.read().decode()
+        assert 'vgpu_device_memory_used_bytes{zone="demo"} 1.048576e+06' in exposition
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool not found: install Debian's prometheus package (setup.sh)"
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True
+        )
+        assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+        channel.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not (tmp_path / "zones" / "demo.sock").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text('backend = "quantum"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpu_proxy", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid configuration" in proc.stderr and "backend" in proc.stderr
+
+
+def test_help_explains_configuration() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpu_proxy", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0
+    assert "VGPU_PROXY_" in proc.stdout and "--zone NAME=BYTES" in proc.stdout
