@@ -2,10 +2,11 @@
 
     gpu-proxy [--config FILE] [--backend auto|cuda|sim] [--zone NAME=BYTES ...]
 
-Serves one unix socket per zone (guest processes connect there over the IDM channel),
-Prometheus metrics and /healthz on --metrics-port (default 9400), and the zone event stream
-(gRPC) on events_address. SIGTERM/SIGINT: stop accepting, close every channel, release every
-zone's GPU objects, exit 0.
+Serves one unix socket per zone (guest processes connect there over the IDM channel), zone
+registration for vgpu-runtime (gRPC ZoneControl) on control_address, Prometheus metrics and
+/healthz on --metrics-port (default 9400), and the zone event stream (gRPC) on
+events_address. SIGTERM/SIGINT: stop accepting, close every channel, release every zone's GPU
+objects, exit 0.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from gpu_proxy.backends.base import GpuBackend
 from gpu_proxy.backends.sim import SimBackend
 from gpu_proxy.config import DEFAULT_CONFIG, ProxyConfig, load_config
+from gpu_proxy.control import ZoneControlService, serve_control
 from gpu_proxy.registry import ZoneRegistry
 from gpu_proxy.telemetry.events import EventBus, serve_events
 from gpu_proxy.telemetry.http import TelemetryServer
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket-dir", type=Path, help="where zone sockets are created")
     parser.add_argument("--metrics-port", type=int, help="/metrics and /healthz port (0: any)")
     parser.add_argument("--events-address", help="gRPC address of the event stream")
+    parser.add_argument("--control-address", help="gRPC address of zone registration")
     parser.add_argument("--log-console", action="store_true", help="human-readable logs")
     parser.add_argument(
         "--zone",
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             "socket_dir": args.socket_dir,
             "metrics_port": args.metrics_port,
             "events_address": args.events_address,
+            "control_address": args.control_address,
             "log_json": False if args.log_console else None,
         }.items()
         if value is not None
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         port=config.metrics_port,
     )
     events = serve_events(bus, config.events_address)
+    control = serve_control(
+        ZoneControlService(registry, config.default_memory_limit, config.gpu),
+        config.control_address,
+    )
     info = backend.device_info()
     log.info(
         "gpu-proxy serving",
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         device=info.name,
         metrics=f"http://{config.metrics_host}:{telemetry.port}/metrics",
         events=config.events_address,
+        control=config.control_address,
         socket_dir=str(config.socket_dir),
     )
     for name, limit in args.zone:
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("gpu-proxy stopping")
+    control.stop(5).wait()
     registry.close()
     bus.close()
     events.stop(5).wait()

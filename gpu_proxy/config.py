@@ -32,6 +32,10 @@ class ProxyConfig(BaseSettings):
     )
     metrics_host: str = Field("0.0.0.0", description="address of /metrics and /healthz")
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 picks a free port")
+    control_address: str = Field(
+        "unix:///run/vgpu-isolated/gpu-proxy.sock",
+        description="gRPC address where vgpu-runtime registers and removes zones",
+    )
     events_address: str = Field(
         "unix:///run/vgpu-isolated/gpu-proxy-events.sock",
         description="gRPC address of the zone event stream (unix:///path or host:port)",

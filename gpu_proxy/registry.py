@@ -6,6 +6,7 @@ LocalLink, a Caller and a ChannelServer thread. A call's zone is the socket it a
 anything the guest says. Removing a zone stops its channels and tears it down completely.
 """
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +27,15 @@ from idm.wire import MAX_PAYLOAD
 log = structlog.get_logger(__name__)
 
 
+ZONE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 class ZoneAlreadyRegistered(ValueError):
     """A zone id is registered once; re-registering would orphan the first one's objects."""
+
+
+class InvalidZoneId(ValueError):
+    """Zone ids become socket file names: no path separators, no surprises."""
 
 
 class _ZoneEndpoint:
@@ -99,11 +107,15 @@ class ZoneRegistry:
     def register(self, identity: ZoneIdentity, memory_limit: int) -> Path:
         """Create the zone and its context; returns the socket its guest processes use."""
         zone_id = identity.zone
+        if not ZONE_ID.fullmatch(zone_id) or zone_id in (".", ".."):
+            raise InvalidZoneId(f"zone id {zone_id!r} must be 1-64 of [A-Za-z0-9_.-]")
+        if memory_limit <= 0:
+            raise ValueError(f"memory limit of zone {zone_id!r} must be positive")
         with self._lock:
             if zone_id in self._zones:
                 raise ZoneAlreadyRegistered(f"zone {zone_id!r} is already registered")
             zone = Zone(identity, self.backend, self.ledger, memory_limit, self.bus)
-            path = self.socket_dir / f"{zone_id}.sock"
+            path = self.socket_path(zone_id)
             self._zones[zone_id] = _ZoneEndpoint(zone, path)
         log.info("zone registered", zone=zone_id, memory_limit=zone.memory_limit, socket=str(path))
         self.bus.publish(zone_id, EventKind.ZONE_REGISTERED, "zone registered", socket=path)
@@ -121,6 +133,9 @@ class ZoneRegistry:
         self.proxy_stats.record_teardown(reclaimed)
         self.bus.publish(zone_id, EventKind.ZONE_REMOVED, "zone removed")
         return reclaimed
+
+    def socket_path(self, zone_id: str) -> Path:
+        return self.socket_dir / f"{zone_id}.sock"
 
     def zones(self) -> Iterator[Zone]:
         with self._lock:

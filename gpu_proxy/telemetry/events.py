@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gpu_proxy.telemetry.gen import events_pb2, events_pb2_grpc
+from gpu_proxy.proto.gen import events_pb2, events_pb2_grpc
 
 DEFAULT_HISTORY = 1024
 DEFAULT_QUEUE_SIZE = 1024

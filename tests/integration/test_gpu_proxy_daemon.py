@@ -24,7 +24,8 @@ def start_proxy(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
         [
             sys.executable, "-m", "gpu_proxy", "--backend", "sim",
             "--socket-dir", str(tmp_path / "zones"), "--metrics-port", "0",
-            "--events-address", f"unix://{tmp_path / 'events.sock'}", *extra,
+            "--events-address", f"unix://{tmp_path / 'events.sock'}",
+            "--control-address", f"unix://{tmp_path / 'control.sock'}", *extra,
         ],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "VGPU_PROXY_LOG_LEVEL": "info"},

@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 import pytest
 
-from gpu_proxy.telemetry import protogen
+from gpu_proxy.proto import protogen
+from gpu_proxy.proto.gen import events_pb2, events_pb2_grpc
 from gpu_proxy.telemetry.events import EventBus, EventKind, serve_events
-from gpu_proxy.telemetry.gen import events_pb2, events_pb2_grpc
 
 QUEUE = 64
 
@@ -237,7 +237,8 @@ def test_unbindable_address_raises(tmp_path: Path) -> None:
 
 def test_generated_code_is_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert protogen.main(["--check"]) == 0
-    for rel in (protogen.PROTO, *(protogen.GEN / name for name in protogen.OUTPUTS)):
+    protos = (protogen.PROTO_DIR / name for name in protogen.PROTOS)
+    for rel in (*protos, *(protogen.GEN / name for name in protogen.OUTPUTS)):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(protogen.ROOT / rel, tmp_path / rel)
     assert protogen.main(["--check", "--root", str(tmp_path)]) == 0
@@ -246,10 +247,10 @@ def test_generated_code_is_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixt
     grpc_module.write_text(grpc_module.read_text() + "\n# edited by hand\n")
     capsys.readouterr()
     assert protogen.main(["--check", "--root", str(tmp_path)]) == 1
-    assert "stale: gpu_proxy/telemetry/gen/events_pb2_grpc.py" in capsys.readouterr().err
+    assert "stale: gpu_proxy/proto/gen/events_pb2_grpc.py" in capsys.readouterr().err
 
     shutil.copy(protogen.ROOT / protogen.GEN / "events_pb2_grpc.py", grpc_module)
-    proto = tmp_path / protogen.PROTO
+    proto = tmp_path / protogen.PROTO_DIR / "events.proto"
     proto.write_text(proto.read_text().replace("string message = 5;", "string text = 5;"))
     assert protogen.main(["--check", "--root", str(tmp_path)]) == 1  # proto edited, not regenerated
     assert protogen.main(["--root", str(tmp_path)]) == 0  # regenerates the copy only

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from gpu_proxy.telemetry.gen import events_pb2 as gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2
+from gpu_proxy.proto.gen import events_pb2 as gpu__proxy_dot_proto_dot_gen_dot_events__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in gpu_proxy/telemetry/gen/events_pb2_grpc.py depends on'
+        + ' but the generated code in gpu_proxy/proto/gen/events_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class ZoneEventsStub:
         """
         self.Watch = channel.unary_stream(
                 '/vgpu.events.v1.ZoneEvents/Watch',
-                request_serializer=gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2.WatchRequest.SerializeToString,
-                response_deserializer=gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2.Event.FromString,
+                request_serializer=gpu__proxy_dot_proto_dot_gen_dot_events__pb2.WatchRequest.SerializeToString,
+                response_deserializer=gpu__proxy_dot_proto_dot_gen_dot_events__pb2.Event.FromString,
                 _registered_method=True)
 
 
@@ -58,8 +58,8 @@ def add_ZoneEventsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2.WatchRequest.FromString,
-                    response_serializer=gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2.Event.SerializeToString,
+                    request_deserializer=gpu__proxy_dot_proto_dot_gen_dot_events__pb2.WatchRequest.FromString,
+                    response_serializer=gpu__proxy_dot_proto_dot_gen_dot_events__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,8 +88,8 @@ class ZoneEvents:
             request,
             target,
             '/vgpu.events.v1.ZoneEvents/Watch',
-            gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2.WatchRequest.SerializeToString,
-            gpu__proxy_dot_telemetry_dot_gen_dot_events__pb2.Event.FromString,
+            gpu__proxy_dot_proto_dot_gen_dot_events__pb2.WatchRequest.SerializeToString,
+            gpu__proxy_dot_proto_dot_gen_dot_events__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,12 +1,12 @@
-"""Generate the event stream's Python code from gpu_proxy/telemetry/events.proto.
+"""Generate gpu-proxy's gRPC code from the protos in gpu_proxy/proto/ (events, control).
 
-    python -m gpu_proxy.telemetry.protogen            regenerate gpu_proxy/telemetry/gen/events_*
-    python -m gpu_proxy.telemetry.protogen --check    exit 1, listing the stale files, if any
+    python -m gpu_proxy.proto.protogen            regenerate gpu_proxy/proto/gen/*
+    python -m gpu_proxy.proto.protogen --check    exit 1, listing the stale files, if any
 
 The outputs are checked in so gpu-proxy needs no protoc at run time; grpcio-tools is pinned, so
-regeneration is byte-identical and a test runs --check. The proto is compiled under the virtual
-path gpu_proxy/telemetry/gen/ so the generated grpc module imports its messages by their real
-package path (protoc's usual output imports a top-level `events_pb2`).
+regeneration is byte-identical and a test runs --check. The protos are compiled under the
+virtual path gpu_proxy/proto/gen/ so the generated grpc modules import their messages by their
+real package path (protoc's usual output imports a top-level `events_pb2`).
 """
 
 from __future__ import annotations
@@ -21,28 +21,33 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO = Path("gpu_proxy/telemetry/events.proto")
-GEN = Path("gpu_proxy/telemetry/gen")
-OUTPUTS = ("events_pb2.py", "events_pb2.pyi", "events_pb2_grpc.py")
+PROTO_DIR = Path("gpu_proxy/proto")
+PROTOS = ("events.proto", "control.proto")
+GEN = Path("gpu_proxy/proto/gen")
+OUTPUTS = tuple(
+    f"{name.removesuffix('.proto')}{suffix}"
+    for name in PROTOS
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
 
 
 def generate(root: Path, out: Path) -> None:
-    """Compile root/PROTO into out/GEN/ (raises RuntimeError if protoc fails)."""
+    """Compile every proto under root into out/GEN/ (raises RuntimeError if protoc fails)."""
     well_known = resources.files("grpc_tools") / "_proto"
     out.mkdir(parents=True, exist_ok=True)
     rc = protoc.main(
         [
             "grpc_tools.protoc",
-            f"-I{GEN}={root / PROTO.parent}",
+            f"-I{GEN}={root / PROTO_DIR}",
             f"-I{well_known}",
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
-            str(GEN / PROTO.name),
+            *(str(GEN / name) for name in PROTOS),
         ]
     )
     if rc != 0:
-        raise RuntimeError(f"protoc failed on {root / PROTO} (exit {rc})")
+        raise RuntimeError(f"protoc failed on {root / PROTO_DIR} (exit {rc})")
 
 
 def stale_files(root: Path) -> list[str]:
@@ -60,7 +65,7 @@ def stale_files(root: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m gpu_proxy.telemetry.protogen", description=(__doc__ or "").split("\n")[0]
+        prog="python -m gpu_proxy.proto.protogen", description=(__doc__ or "").split("\n")[0]
     )
     ap.add_argument("--check", action="store_true", help="only report stale outputs (exit 1)")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository root to work under")
@@ -72,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stale:
             print(
                 "protogen: generated files are out of date: "
-                "run `python -m gpu_proxy.telemetry.protogen`",
+                "run `python -m gpu_proxy.proto.protogen`",
                 file=sys.stderr,
             )
             return 1
