@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from gpu_proxy.backends.base import Buffer, Context, DeviceInfo, Event, Function, Module, Stream
 from gpu_proxy.errors import (
@@ -350,23 +351,24 @@ class SimBackend:
         if model not in MODELS:
             raise ValueError(f"unknown GPU model {model!r}; known: {', '.join(MODELS)}")
         self.model = MODELS[model]
-        self._model_key = model
         self._total = self.model.total_mem if total_mem is None else total_mem
         self._used = 0
         self._next_addr = ADDRESS_BASE
         self._lock = threading.Lock()
+        # Immutable and asked for on hot paths (cuDriverGetVersion, attributes): built once.
+        self._info = DeviceInfo(
+            name=f"{self.model.name} (vgpu sim)",
+            uuid=uuid.uuid5(_UUID_NAMESPACE, model).bytes,
+            total_mem=self._total,
+            compute_capability=self.model.compute_capability,
+            driver_version=DRIVER_VERSION,
+            attributes=MappingProxyType(self.model.attributes()),
+        )
 
     # device
 
     def device_info(self) -> DeviceInfo:
-        return DeviceInfo(
-            name=f"{self.model.name} (vgpu sim)",
-            uuid=uuid.uuid5(_UUID_NAMESPACE, self._model_key).bytes,
-            total_mem=self._total,
-            compute_capability=self.model.compute_capability,
-            driver_version=DRIVER_VERSION,
-            attributes=self.model.attributes(),
-        )
+        return self._info
 
     # contexts
 

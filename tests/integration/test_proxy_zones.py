@@ -4,6 +4,8 @@ in C), isolation between zones, quotas, deferred errors, and complete teardown."
 
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,3 +214,49 @@ def test_telemetry_and_events_follow_the_zone(registry: ZoneRegistry) -> None:
         EventKind.ZONE_REMOVED,
     ):
         assert expected in kinds, (expected, kinds)
+
+
+DYING_GUEST = """
+import os, signal, struct, sys
+from idm._ring import ffi, lib
+from idm.gen.codec import CALLS_BY_NAME
+from idm.links.local import LocalLink
+from idm.wire import MAX_PAYLOAD, pack_header
+link = LocalLink.connect(sys.argv[1])
+ch = link.open_channel()
+ch.hello_client(MAX_PAYLOAD)
+alloc = CALLS_BY_NAME["cuMemAlloc_v2"]
+ch.send(alloc.opcode, alloc.encode_request(8 << 20), seq=1)
+ptr = alloc.decode_reply(ch.recv(timeout_ms=10000).payload).dptr
+copy = CALLS_BY_NAME["cuMemcpyHtoD_v2"]
+payload = copy.encode_request(ptr, b"x" * (8 << 20), 8 << 20)
+# The header of an 8 MiB copy and its first 64 KiB, published; then the process dies mid-call.
+sent = int(ch._ep.tx_prod)
+msg = pack_header(copy.opcode, len(payload), 2) + payload[: 64 << 10]
+at = lib.IDM_PAGE_SIZE + sent
+link.memory[at : at + len(msg)] = msg
+prod = ffi.offsetof("struct idm_ctrl", "req") + ffi.offsetof("struct idm_dir_ctrl", "prod")
+link.memory[prod : prod + 8] = struct.pack("<Q", sent + len(msg))
+print("dying", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_zone_dying_mid_call_leaves_other_zones_running(registry: ZoneRegistry) -> None:
+    other = Guest(registry.register(zone("zone-b"), 16 * MiB))
+    path = registry.register(zone("zone-a"), 16 * MiB)
+    dying = subprocess.run(
+        [sys.executable, "-c", DYING_GUEST, str(path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dying.returncode == -9 and "dying" in dying.stdout, dying.stderr
+    for _ in range(20):  # zone b is served while zone a's channel hangs mid-message
+        assert other.ok("cuMemGetInfo_v2").total == 16 * MiB
+    # zone a stays registered until the runtime removes it; removal ends the stuck channel
+    t0 = time.monotonic()
+    assert registry.remove("zone-a") == {"device_memory": 1}
+    assert time.monotonic() - t0 < 5
+    assert other.ok("cuMemGetInfo_v2").total == 16 * MiB
