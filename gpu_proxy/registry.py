@@ -1,14 +1,15 @@
 """ZoneRegistry: the zones gpu-proxy serves, and the channels each one has open.
 
-The runtime registers a zone (process backend: locally; Xen: a xenstore watch, later) and gets
-back the socket its guest processes connect to. Each connection is one guest process: a
-LocalLink, a Caller and a ChannelServer thread. A call's zone is the socket it arrived on, never
-anything the guest says. Removing a zone stops its channels and tears it down completely.
+The runtime registers a zone (process backend) and gets back the socket its guest processes
+connect to; Xen zones are added without a socket by ``XenZoneWatcher``, which hands over each
+attached GrantLink's channel. Each channel is one guest process: a Caller and a ChannelServer
+thread. A call's zone is the socket or the grants it arrived on, never anything the guest says.
+Removing a zone stops its channels and tears it down completely.
 """
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -16,10 +17,11 @@ import structlog
 from gpu_proxy.backends.base import GpuBackend
 from gpu_proxy.dispatch import call_handlers
 from gpu_proxy.quota import MemoryLedger
+from gpu_proxy.spin import SpinBudget
 from gpu_proxy.telemetry.events import EventBus, EventKind
 from gpu_proxy.telemetry.zone_stats import ProxyStats, ZoneIdentity
 from gpu_proxy.zone import Caller, Zone
-from idm.channel import ChannelError
+from idm.channel import Channel, ChannelError
 from idm.links.local import LocalListener
 from idm.server import ChannelServer
 from idm.wire import MAX_PAYLOAD
@@ -38,19 +40,27 @@ class InvalidZoneId(ValueError):
     """Zone ids become socket file names: no path separators, no surprises."""
 
 
-class _ZoneEndpoint:
-    """One zone's listener and the servers of its connected guest processes."""
+class UnknownZone(KeyError):
+    """A channel for a zone that is not (or no longer) registered has nobody to serve it."""
 
-    def __init__(self, zone: Zone, path: Path) -> None:
+
+class _ZoneEndpoint:
+    """One zone's listener (when it has a socket) and the servers of its guest processes."""
+
+    def __init__(self, zone: Zone, path: Path | None, spin: SpinBudget) -> None:
         self.zone = zone
-        self.listener = LocalListener(path)
+        self.spin = spin
         self.servers: list[ChannelServer] = []
         self.threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._closed = False
+        self.listener = LocalListener(path) if path is not None else None
         self.acceptor = threading.Thread(target=self._accept_loop, name=f"accept-{zone.id}")
-        self.acceptor.start()
+        if self.listener is not None:
+            self.acceptor.start()
 
     def _accept_loop(self) -> None:
+        assert self.listener is not None
         while True:
             try:
                 link = self.listener.accept()
@@ -58,25 +68,42 @@ class _ZoneEndpoint:
                 continue  # refused offer, already logged; keep serving this zone
             except OSError:
                 return  # listener closed
-            server = ChannelServer(
-                link.open_channel(),
-                call_handlers(Caller(self.zone)),
-                max_payload=MAX_PAYLOAD,
-                name=self.zone.id,
-                peer_alive=link.peer_alive,
-            )
-            thread = threading.Thread(
-                target=self._serve, args=(server,), name=f"zone-{self.zone.id}"
-            )
-            with self._lock:
-                self.servers.append(server)
-                self.threads.append(thread)
-            thread.start()
+            self.serve(link.open_channel(), link.peer_alive)
 
-    def _serve(self, server: ChannelServer) -> None:
+    def serve(
+        self,
+        channel: Channel,
+        peer_alive: Callable[[], bool] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve ``channel`` in a thread of its own until it closes or the zone is removed."""
+        server = ChannelServer(
+            channel,
+            call_handlers(Caller(self.zone)),
+            max_payload=MAX_PAYLOAD,
+            name=self.zone.id,
+            peer_alive=peer_alive,
+        )
+        thread = threading.Thread(
+            target=self._serve, args=(server, on_close), name=f"zone-{self.zone.id}"
+        )
+        with self._lock:
+            if self._closed:  # removed meanwhile: nobody would ever stop this server
+                raise UnknownZone(self.zone.id)
+            self.servers.append(server)
+            self.threads.append(thread)
+        thread.start()
+
+    def _serve(self, server: ChannelServer, on_close: Callable[[], None] | None) -> None:
         bus, zone = self.zone.bus, self.zone.id
         bus.publish(zone, EventKind.CHANNEL_OPENED, "guest process connected")
-        server.serve()
+        self.spin.join(server.channel)
+        try:
+            server.serve()
+        finally:
+            self.spin.leave(server.channel)
+            if on_close is not None:
+                on_close()
         reason = server.close_reason or "stopped"
         if reason in ("closed", "peer process gone", "stopped"):
             bus.publish(zone, EventKind.CHANNEL_CLOSED, reason)
@@ -84,9 +111,11 @@ class _ZoneEndpoint:
             bus.publish(zone, EventKind.PROTOCOL_VIOLATION, reason)
 
     def close(self) -> None:
-        self.listener.close()  # wakes the acceptor
-        self.acceptor.join(10)
+        if self.listener is not None:
+            self.listener.close()  # wakes the acceptor
+            self.acceptor.join(10)
         with self._lock:
+            self._closed = True
             servers, threads = list(self.servers), list(self.threads)
         for server in servers:
             server.stop()
@@ -101,11 +130,21 @@ class ZoneRegistry:
         self.socket_dir = socket_dir
         self.bus = bus if bus is not None else EventBus()
         self.proxy_stats = ProxyStats()
+        self.spin = SpinBudget()
         self._zones: dict[str, _ZoneEndpoint] = {}
         self._lock = threading.Lock()
 
     def register(self, identity: ZoneIdentity, memory_limit: int) -> Path:
         """Create the zone and its context; returns the socket its guest processes use."""
+        path = self.socket_path(identity.zone)
+        self._create(identity, memory_limit, path)
+        return path
+
+    def add(self, identity: ZoneIdentity, memory_limit: int) -> Zone:
+        """Create a zone without a socket: its channels come through ``serve_channel``."""
+        return self._create(identity, memory_limit, None)
+
+    def _create(self, identity: ZoneIdentity, memory_limit: int, path: Path | None) -> Zone:
         zone_id = identity.zone
         if not ZONE_ID.fullmatch(zone_id) or zone_id in (".", ".."):
             raise InvalidZoneId(f"zone id {zone_id!r} must be 1-64 of [A-Za-z0-9_.-]")
@@ -115,11 +154,28 @@ class ZoneRegistry:
             if zone_id in self._zones:
                 raise ZoneAlreadyRegistered(f"zone {zone_id!r} is already registered")
             zone = Zone(identity, self.backend, self.ledger, memory_limit, self.bus)
-            path = self.socket_path(zone_id)
-            self._zones[zone_id] = _ZoneEndpoint(zone, path)
-        log.info("zone registered", zone=zone_id, memory_limit=zone.memory_limit, socket=str(path))
-        self.bus.publish(zone_id, EventKind.ZONE_REGISTERED, "zone registered", socket=path)
-        return path
+            self._zones[zone_id] = _ZoneEndpoint(zone, path, self.spin)
+        socket = "" if path is None else str(path)
+        log.info("zone registered", zone=zone_id, memory_limit=zone.memory_limit, socket=socket)
+        self.bus.publish(zone_id, EventKind.ZONE_REGISTERED, "zone registered", socket=socket)
+        return zone
+
+    def serve_channel(
+        self,
+        zone_id: str,
+        channel: Channel,
+        *,
+        peer_alive: Callable[[], bool] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve one guest process's channel for ``zone_id`` until it closes or the zone is
+        removed; ``on_close`` runs once the channel is closed (to release the link under it).
+        Raises UnknownZone, serving nothing, if the zone is not registered."""
+        with self._lock:
+            endpoint = self._zones.get(zone_id)
+        if endpoint is None:
+            raise UnknownZone(zone_id)
+        endpoint.serve(channel, peer_alive, on_close)
 
     def remove(self, zone_id: str) -> dict[str, int]:
         """Stop the zone's channels and release everything it held; returns what was reclaimed.

@@ -299,6 +299,16 @@ class Channel:
     # -- state ----------------------------------------------------------------------------
 
     @property
+    def spin_ns(self) -> int:
+        """How long a wait busy-polls before sleeping on the doorbell. Settable from any thread:
+        a wait in progress picks the new value up at its next check."""
+        return int(self._ep.spin_ns)
+
+    @spin_ns.setter
+    def spin_ns(self, value: int) -> None:
+        self._ep.spin_ns = value
+
+    @property
     def max_payload(self) -> int:
         return int(self._ep.max_payload)
 

@@ -110,6 +110,16 @@ class Xenstore(Closing):
             raise
         return value.decode("ascii", errors="backslashreplace")
 
+    def directory(self, path: str) -> list[str]:
+        """The names of ``path``'s children; none if ``path`` does not exist."""
+        try:
+            names: list[bytes] = self._call("list", path)
+        except XenstoreError as exc:
+            if exc.errno == errno.ENOENT:
+                return []
+            raise
+        return [name.decode("ascii", errors="backslashreplace") for name in names]
+
     def write(self, path: str, value: str) -> None:
         """Set ``path`` (created with its parents if missing) to a non-empty ASCII ``value``."""
         if not value:
