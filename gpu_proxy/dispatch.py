@@ -29,6 +29,7 @@ CUDA_SUCCESS = 0
 CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_INVALID_DEVICE = 101
 CUDA_ERROR_NOT_READY = 600
+CUDA_ERROR_NOT_PERMITTED = 800
 CUDA_ERROR_NOT_SUPPORTED = 801
 DEVICE = 0  # one GPU per proxy instance; a zone sees it as device 0
 
@@ -328,6 +329,23 @@ class ProxyCalls(CallHandlers[Caller]):
         event = ctx.zone.handles.remove(H.EVENT, req.hEvent)
         ctx.zone.backend.event_destroy(ctx.zone.context, event)
         return CUDA_SUCCESS
+
+    # -- inter-process sharing: never across a zone's boundary ---------------------------------
+
+    def cuIpcGetMemHandle(self, ctx: Caller, req: c.cuIpcGetMemHandle_Request) -> int:
+        return CUDA_ERROR_NOT_PERMITTED
+
+    def cuIpcOpenMemHandle_v2(self, ctx: Caller, req: c.cuIpcOpenMemHandle_v2_Request) -> int:
+        return CUDA_ERROR_NOT_PERMITTED
+
+    def cuIpcCloseMemHandle(self, ctx: Caller, req: c.cuIpcCloseMemHandle_Request) -> int:
+        return CUDA_ERROR_NOT_PERMITTED
+
+    def cuIpcGetEventHandle(self, ctx: Caller, req: c.cuIpcGetEventHandle_Request) -> int:
+        return CUDA_ERROR_NOT_PERMITTED
+
+    def cuIpcOpenEventHandle(self, ctx: Caller, req: c.cuIpcOpenEventHandle_Request) -> int:
+        return CUDA_ERROR_NOT_PERMITTED
 
 
 HANDLERS = ProxyCalls()

@@ -202,6 +202,26 @@ class CallHandlers(Generic[Ctx]):
         """cuEventDestroy_v2 (0x0706, sync)."""
         return CUDA_ERROR_NOT_SUPPORTED
 
+    def cuIpcGetMemHandle(self, ctx: Ctx, req: codec.cuIpcGetMemHandle_Request) -> codec.cuIpcGetMemHandle_Reply | int:
+        """cuIpcGetMemHandle (0x0801, sync)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuIpcOpenMemHandle_v2(self, ctx: Ctx, req: codec.cuIpcOpenMemHandle_v2_Request) -> codec.cuIpcOpenMemHandle_v2_Reply | int:
+        """cuIpcOpenMemHandle_v2 (0x0802, sync)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuIpcCloseMemHandle(self, ctx: Ctx, req: codec.cuIpcCloseMemHandle_Request) -> codec.cuIpcCloseMemHandle_Reply | int:
+        """cuIpcCloseMemHandle (0x0803, sync)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuIpcGetEventHandle(self, ctx: Ctx, req: codec.cuIpcGetEventHandle_Request) -> codec.cuIpcGetEventHandle_Reply | int:
+        """cuIpcGetEventHandle (0x0804, sync)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuIpcOpenEventHandle(self, ctx: Ctx, req: codec.cuIpcOpenEventHandle_Request) -> codec.cuIpcOpenEventHandle_Reply | int:
+        """cuIpcOpenEventHandle (0x0805, sync)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
 
 class Entry(NamedTuple):
     """One call as the dispatcher sees it."""
@@ -558,6 +578,46 @@ DISPATCH: dict[int, Entry] = {
         codec.encode_cuEventDestroy_v2_reply,
         False,
         codec.CALLS[0x0706],
+    ),
+    0x0801: Entry(
+        "cuIpcGetMemHandle",
+        codec.decode_cuIpcGetMemHandle_request,
+        "cuIpcGetMemHandle",
+        codec.encode_cuIpcGetMemHandle_reply,
+        False,
+        codec.CALLS[0x0801],
+    ),
+    0x0802: Entry(
+        "cuIpcOpenMemHandle_v2",
+        codec.decode_cuIpcOpenMemHandle_v2_request,
+        "cuIpcOpenMemHandle_v2",
+        codec.encode_cuIpcOpenMemHandle_v2_reply,
+        False,
+        codec.CALLS[0x0802],
+    ),
+    0x0803: Entry(
+        "cuIpcCloseMemHandle",
+        codec.decode_cuIpcCloseMemHandle_request,
+        "cuIpcCloseMemHandle",
+        codec.encode_cuIpcCloseMemHandle_reply,
+        False,
+        codec.CALLS[0x0803],
+    ),
+    0x0804: Entry(
+        "cuIpcGetEventHandle",
+        codec.decode_cuIpcGetEventHandle_request,
+        "cuIpcGetEventHandle",
+        codec.encode_cuIpcGetEventHandle_reply,
+        False,
+        codec.CALLS[0x0804],
+    ),
+    0x0805: Entry(
+        "cuIpcOpenEventHandle",
+        codec.decode_cuIpcOpenEventHandle_request,
+        "cuIpcOpenEventHandle",
+        codec.encode_cuIpcOpenEventHandle_reply,
+        False,
+        codec.CALLS[0x0805],
     ),
 }
 

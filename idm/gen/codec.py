@@ -32,7 +32,7 @@ __all__ = [
     "CALL_TABLE_DIGEST",
 ]
 
-CALL_TABLE_DIGEST = "35ba8eaf22b6fd9aef82b1022c92006b5034495555428ae8ae8e7eeed72af52d"
+CALL_TABLE_DIGEST = "d1ad8ea3740a1b4b17d1a97c2574a2dd534010ee361d94c02af365b325ed2c11"
 
 # Function bodies use only these aliases, so an arg may be named like any builtin.
 _Struct = struct.Struct
@@ -1997,6 +1997,260 @@ def decode_cuEventDestroy_v2_reply(payload: Buffer) -> cuEventDestroy_v2_Reply:
     return cuEventDestroy_v2_Reply()
 
 
+# ---- cuIpcGetMemHandle (0x0801, sync) -----------------------------------------------------------
+class cuIpcGetMemHandle_Request(NamedTuple):
+    dptr: int
+
+
+class cuIpcGetMemHandle_Reply(NamedTuple):
+    pHandle: Buffer
+
+
+_REQ_cuIpcGetMemHandle = _Struct("<Q")
+_REQ_cuIpcGetMemHandle_FIELDS = (("dptr", "Q"),)
+_REP_cuIpcGetMemHandle = _Struct("<64s")
+_REP_cuIpcGetMemHandle_FIELDS = (("pHandle", "64s"),)
+
+
+def encode_cuIpcGetMemHandle_request(dptr: int) -> bytes:
+    try:
+        _head = _REQ_cuIpcGetMemHandle.pack(dptr)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcGetMemHandle request", _REQ_cuIpcGetMemHandle_FIELDS, (dptr,), _e) from None
+    return _head
+
+
+def decode_cuIpcGetMemHandle_request(payload: Buffer) -> cuIpcGetMemHandle_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"cuIpcGetMemHandle request: payload is {_n} bytes, expected 8")
+    return cuIpcGetMemHandle_Request._make(_REQ_cuIpcGetMemHandle.unpack_from(_p))
+
+
+def encode_cuIpcGetMemHandle_reply(pHandle: Buffer) -> bytes:
+    try:
+        _x_pHandle = _bytes(_view(pHandle))
+    except TypeError:
+        raise _EncodeError(f"cuIpcGetMemHandle reply: pHandle must be a bytes-like object, not {_type(pHandle).__name__}") from None
+    if _len(_x_pHandle) != 64:
+        raise _EncodeError(f"cuIpcGetMemHandle reply: pHandle is {_len(_x_pHandle)} bytes, must be 64")
+    try:
+        _head = _REP_cuIpcGetMemHandle.pack(_x_pHandle)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcGetMemHandle reply", _REP_cuIpcGetMemHandle_FIELDS, (_x_pHandle,), _e) from None
+    return _head
+
+
+def decode_cuIpcGetMemHandle_reply(payload: Buffer) -> cuIpcGetMemHandle_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 64:
+        raise _DecodeError(f"cuIpcGetMemHandle reply: payload is {_n} bytes, expected 64")
+    return cuIpcGetMemHandle_Reply._make(_REP_cuIpcGetMemHandle.unpack_from(_p))
+
+
+# ---- cuIpcOpenMemHandle_v2 (0x0802, sync) -------------------------------------------------------
+class cuIpcOpenMemHandle_v2_Request(NamedTuple):
+    handle: Buffer
+    Flags: int
+
+
+class cuIpcOpenMemHandle_v2_Reply(NamedTuple):
+    pdptr: int
+
+
+_REQ_cuIpcOpenMemHandle_v2 = _Struct("<64sI")
+_REQ_cuIpcOpenMemHandle_v2_FIELDS = (("handle", "64s"), ("Flags", "I"))
+_REP_cuIpcOpenMemHandle_v2 = _Struct("<Q")
+_REP_cuIpcOpenMemHandle_v2_FIELDS = (("pdptr", "Q"),)
+
+
+def encode_cuIpcOpenMemHandle_v2_request(handle: Buffer, Flags: int) -> bytes:
+    try:
+        _x_handle = _bytes(_view(handle))
+    except TypeError:
+        raise _EncodeError(f"cuIpcOpenMemHandle_v2 request: handle must be a bytes-like object, not {_type(handle).__name__}") from None
+    if _len(_x_handle) != 64:
+        raise _EncodeError(f"cuIpcOpenMemHandle_v2 request: handle is {_len(_x_handle)} bytes, must be 64")
+    try:
+        _head = _REQ_cuIpcOpenMemHandle_v2.pack(_x_handle, Flags)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcOpenMemHandle_v2 request", _REQ_cuIpcOpenMemHandle_v2_FIELDS, (_x_handle, Flags), _e) from None
+    return _head
+
+
+def decode_cuIpcOpenMemHandle_v2_request(payload: Buffer) -> cuIpcOpenMemHandle_v2_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 68:
+        raise _DecodeError(f"cuIpcOpenMemHandle_v2 request: payload is {_n} bytes, expected 68")
+    return cuIpcOpenMemHandle_v2_Request._make(_REQ_cuIpcOpenMemHandle_v2.unpack_from(_p))
+
+
+def encode_cuIpcOpenMemHandle_v2_reply(pdptr: int) -> bytes:
+    try:
+        _head = _REP_cuIpcOpenMemHandle_v2.pack(pdptr)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcOpenMemHandle_v2 reply", _REP_cuIpcOpenMemHandle_v2_FIELDS, (pdptr,), _e) from None
+    return _head
+
+
+def decode_cuIpcOpenMemHandle_v2_reply(payload: Buffer) -> cuIpcOpenMemHandle_v2_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"cuIpcOpenMemHandle_v2 reply: payload is {_n} bytes, expected 8")
+    return cuIpcOpenMemHandle_v2_Reply._make(_REP_cuIpcOpenMemHandle_v2.unpack_from(_p))
+
+
+# ---- cuIpcCloseMemHandle (0x0803, sync) ---------------------------------------------------------
+class cuIpcCloseMemHandle_Request(NamedTuple):
+    dptr: int
+
+
+class cuIpcCloseMemHandle_Reply(NamedTuple):
+    pass
+
+
+_REQ_cuIpcCloseMemHandle = _Struct("<Q")
+_REQ_cuIpcCloseMemHandle_FIELDS = (("dptr", "Q"),)
+
+
+def encode_cuIpcCloseMemHandle_request(dptr: int) -> bytes:
+    try:
+        _head = _REQ_cuIpcCloseMemHandle.pack(dptr)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcCloseMemHandle request", _REQ_cuIpcCloseMemHandle_FIELDS, (dptr,), _e) from None
+    return _head
+
+
+def decode_cuIpcCloseMemHandle_request(payload: Buffer) -> cuIpcCloseMemHandle_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"cuIpcCloseMemHandle request: payload is {_n} bytes, expected 8")
+    return cuIpcCloseMemHandle_Request._make(_REQ_cuIpcCloseMemHandle.unpack_from(_p))
+
+
+def encode_cuIpcCloseMemHandle_reply() -> bytes:
+    return b""
+
+
+def decode_cuIpcCloseMemHandle_reply(payload: Buffer) -> cuIpcCloseMemHandle_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"cuIpcCloseMemHandle reply: payload is {_n} bytes, expected 0")
+    return cuIpcCloseMemHandle_Reply()
+
+
+# ---- cuIpcGetEventHandle (0x0804, sync) ---------------------------------------------------------
+class cuIpcGetEventHandle_Request(NamedTuple):
+    event: int
+
+
+class cuIpcGetEventHandle_Reply(NamedTuple):
+    pHandle: Buffer
+
+
+_REQ_cuIpcGetEventHandle = _Struct("<Q")
+_REQ_cuIpcGetEventHandle_FIELDS = (("event", "Q"),)
+_REP_cuIpcGetEventHandle = _Struct("<64s")
+_REP_cuIpcGetEventHandle_FIELDS = (("pHandle", "64s"),)
+
+
+def encode_cuIpcGetEventHandle_request(event: int) -> bytes:
+    try:
+        _head = _REQ_cuIpcGetEventHandle.pack(event)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcGetEventHandle request", _REQ_cuIpcGetEventHandle_FIELDS, (event,), _e) from None
+    return _head
+
+
+def decode_cuIpcGetEventHandle_request(payload: Buffer) -> cuIpcGetEventHandle_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"cuIpcGetEventHandle request: payload is {_n} bytes, expected 8")
+    return cuIpcGetEventHandle_Request._make(_REQ_cuIpcGetEventHandle.unpack_from(_p))
+
+
+def encode_cuIpcGetEventHandle_reply(pHandle: Buffer) -> bytes:
+    try:
+        _x_pHandle = _bytes(_view(pHandle))
+    except TypeError:
+        raise _EncodeError(f"cuIpcGetEventHandle reply: pHandle must be a bytes-like object, not {_type(pHandle).__name__}") from None
+    if _len(_x_pHandle) != 64:
+        raise _EncodeError(f"cuIpcGetEventHandle reply: pHandle is {_len(_x_pHandle)} bytes, must be 64")
+    try:
+        _head = _REP_cuIpcGetEventHandle.pack(_x_pHandle)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcGetEventHandle reply", _REP_cuIpcGetEventHandle_FIELDS, (_x_pHandle,), _e) from None
+    return _head
+
+
+def decode_cuIpcGetEventHandle_reply(payload: Buffer) -> cuIpcGetEventHandle_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 64:
+        raise _DecodeError(f"cuIpcGetEventHandle reply: payload is {_n} bytes, expected 64")
+    return cuIpcGetEventHandle_Reply._make(_REP_cuIpcGetEventHandle.unpack_from(_p))
+
+
+# ---- cuIpcOpenEventHandle (0x0805, sync) --------------------------------------------------------
+class cuIpcOpenEventHandle_Request(NamedTuple):
+    handle: Buffer
+
+
+class cuIpcOpenEventHandle_Reply(NamedTuple):
+    phEvent: int
+
+
+_REQ_cuIpcOpenEventHandle = _Struct("<64s")
+_REQ_cuIpcOpenEventHandle_FIELDS = (("handle", "64s"),)
+_REP_cuIpcOpenEventHandle = _Struct("<Q")
+_REP_cuIpcOpenEventHandle_FIELDS = (("phEvent", "Q"),)
+
+
+def encode_cuIpcOpenEventHandle_request(handle: Buffer) -> bytes:
+    try:
+        _x_handle = _bytes(_view(handle))
+    except TypeError:
+        raise _EncodeError(f"cuIpcOpenEventHandle request: handle must be a bytes-like object, not {_type(handle).__name__}") from None
+    if _len(_x_handle) != 64:
+        raise _EncodeError(f"cuIpcOpenEventHandle request: handle is {_len(_x_handle)} bytes, must be 64")
+    try:
+        _head = _REQ_cuIpcOpenEventHandle.pack(_x_handle)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcOpenEventHandle request", _REQ_cuIpcOpenEventHandle_FIELDS, (_x_handle,), _e) from None
+    return _head
+
+
+def decode_cuIpcOpenEventHandle_request(payload: Buffer) -> cuIpcOpenEventHandle_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 64:
+        raise _DecodeError(f"cuIpcOpenEventHandle request: payload is {_n} bytes, expected 64")
+    return cuIpcOpenEventHandle_Request._make(_REQ_cuIpcOpenEventHandle.unpack_from(_p))
+
+
+def encode_cuIpcOpenEventHandle_reply(phEvent: int) -> bytes:
+    try:
+        _head = _REP_cuIpcOpenEventHandle.pack(phEvent)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuIpcOpenEventHandle reply", _REP_cuIpcOpenEventHandle_FIELDS, (phEvent,), _e) from None
+    return _head
+
+
+def decode_cuIpcOpenEventHandle_reply(payload: Buffer) -> cuIpcOpenEventHandle_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"cuIpcOpenEventHandle reply: payload is {_n} bytes, expected 8")
+    return cuIpcOpenEventHandle_Reply._make(_REP_cuIpcOpenEventHandle.unpack_from(_p))
+
+
 CALLS: dict[int, CallCodec] = {
     0x0101: CallCodec(
         name="cuInit",
@@ -2640,6 +2894,81 @@ CALLS: dict[int, CallCodec] = {
         decode_reply=decode_cuEventDestroy_v2_reply,
         in_handles=(HandleRef("hEvent", "event", False),),
         out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0801: CallCodec(
+        name="cuIpcGetMemHandle",
+        opcode=0x0801,
+        is_async=False,
+        request_type=cuIpcGetMemHandle_Request,
+        reply_type=cuIpcGetMemHandle_Reply,
+        encode_request=encode_cuIpcGetMemHandle_request,
+        decode_request=decode_cuIpcGetMemHandle_request,
+        encode_reply=encode_cuIpcGetMemHandle_reply,
+        decode_reply=decode_cuIpcGetMemHandle_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0802: CallCodec(
+        name="cuIpcOpenMemHandle_v2",
+        opcode=0x0802,
+        is_async=False,
+        request_type=cuIpcOpenMemHandle_v2_Request,
+        reply_type=cuIpcOpenMemHandle_v2_Reply,
+        encode_request=encode_cuIpcOpenMemHandle_v2_request,
+        decode_request=decode_cuIpcOpenMemHandle_v2_request,
+        encode_reply=encode_cuIpcOpenMemHandle_v2_reply,
+        decode_reply=decode_cuIpcOpenMemHandle_v2_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0803: CallCodec(
+        name="cuIpcCloseMemHandle",
+        opcode=0x0803,
+        is_async=False,
+        request_type=cuIpcCloseMemHandle_Request,
+        reply_type=cuIpcCloseMemHandle_Reply,
+        encode_request=encode_cuIpcCloseMemHandle_request,
+        decode_request=decode_cuIpcCloseMemHandle_request,
+        encode_reply=encode_cuIpcCloseMemHandle_reply,
+        decode_reply=decode_cuIpcCloseMemHandle_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0804: CallCodec(
+        name="cuIpcGetEventHandle",
+        opcode=0x0804,
+        is_async=False,
+        request_type=cuIpcGetEventHandle_Request,
+        reply_type=cuIpcGetEventHandle_Reply,
+        encode_request=encode_cuIpcGetEventHandle_request,
+        decode_request=decode_cuIpcGetEventHandle_request,
+        encode_reply=encode_cuIpcGetEventHandle_reply,
+        decode_reply=decode_cuIpcGetEventHandle_reply,
+        in_handles=(HandleRef("event", "event", False),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0805: CallCodec(
+        name="cuIpcOpenEventHandle",
+        opcode=0x0805,
+        is_async=False,
+        request_type=cuIpcOpenEventHandle_Request,
+        reply_type=cuIpcOpenEventHandle_Reply,
+        encode_request=encode_cuIpcOpenEventHandle_request,
+        decode_request=decode_cuIpcOpenEventHandle_request,
+        encode_reply=encode_cuIpcOpenEventHandle_reply,
+        decode_reply=decode_cuIpcOpenEventHandle_reply,
+        in_handles=(),
+        out_handles=(HandleRef("phEvent", "event", False),),
         out_caps=(),
         bounds=(),
     ),

@@ -21,9 +21,9 @@
 
 /* == IDM_MAX_PAYLOAD in idm.h */
 #define VGPU_MAX_PAYLOAD (64u << 20)
-#define VGPU_NUM_CALLS 43
+#define VGPU_NUM_CALLS 48
 /* First 64 bits of the call table's SHA-256 (both ends can compare it at hello). */
-#define VGPU_CALL_TABLE_DIGEST 0x35ba8eaf22b6fd9aull
+#define VGPU_CALL_TABLE_DIGEST 0xd1ad8ea3740a1b4bull
 
 /* ---- opcodes ---- */
 #define VGPU_OP_cuInit                       0x0101u
@@ -69,6 +69,11 @@
 #define VGPU_OP_cuEventQuery                 0x0704u
 #define VGPU_OP_cuEventElapsedTime           0x0705u
 #define VGPU_OP_cuEventDestroy_v2            0x0706u
+#define VGPU_OP_cuIpcGetMemHandle            0x0801u
+#define VGPU_OP_cuIpcOpenMemHandle_v2        0x0802u
+#define VGPU_OP_cuIpcCloseMemHandle          0x0803u
+#define VGPU_OP_cuIpcGetEventHandle          0x0804u
+#define VGPU_OP_cuIpcOpenEventHandle         0x0805u
 
 /* ---- bounds: largest length accepted for each blob/cstring ---- */
 #define VGPU_MAX_cuDeviceGetName_name 256u
@@ -80,6 +85,10 @@
 #define VGPU_MAX_cuModuleLoadData_image 67108856u
 #define VGPU_MAX_cuModuleGetFunction_name 4096u
 #define VGPU_MAX_cuLaunchKernel_params 32764u
+#define VGPU_SIZE_cuIpcGetMemHandle_pHandle 64u
+#define VGPU_SIZE_cuIpcOpenMemHandle_v2_handle 64u
+#define VGPU_SIZE_cuIpcGetEventHandle_pHandle 64u
+#define VGPU_SIZE_cuIpcOpenEventHandle_handle 64u
 
 struct vgpu_call_info {
     const char *name; /* the CUDA driver API entry point */
@@ -317,5 +326,29 @@ int vgpu_unmarshal_cuEventElapsedTime_reply(const uint8_t *vgpu_buf, size_t vgpu
 /* cuEventDestroy_v2 (0x0706, sync) */
 int vgpu_marshal_cuEventDestroy_v2(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hEvent);
 int vgpu_unmarshal_cuEventDestroy_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/* cuIpcGetMemHandle (0x0801, sync) */
+int vgpu_marshal_cuIpcGetMemHandle(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr);
+int vgpu_unmarshal_cuIpcGetMemHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len, void *pHandle);
+
+/* cuIpcOpenMemHandle_v2 (0x0802, sync) */
+int vgpu_marshal_cuIpcOpenMemHandle_v2(uint8_t *vgpu_buf, size_t vgpu_cap, const void *handle,
+                                       unsigned int Flags);
+int vgpu_unmarshal_cuIpcOpenMemHandle_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                               unsigned long long *pdptr);
+
+/* cuIpcCloseMemHandle (0x0803, sync) */
+int vgpu_marshal_cuIpcCloseMemHandle(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr);
+int vgpu_unmarshal_cuIpcCloseMemHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/* cuIpcGetEventHandle (0x0804, sync) */
+int vgpu_marshal_cuIpcGetEventHandle(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t event);
+int vgpu_unmarshal_cuIpcGetEventHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                             void *pHandle);
+
+/* cuIpcOpenEventHandle (0x0805, sync) */
+int vgpu_marshal_cuIpcOpenEventHandle(uint8_t *vgpu_buf, size_t vgpu_cap, const void *handle);
+int vgpu_unmarshal_cuIpcOpenEventHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                              uint64_t *phEvent);
 
 #endif /* VGPU_CALLS_H */

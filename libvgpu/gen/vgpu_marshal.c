@@ -122,6 +122,11 @@ const struct vgpu_call_info vgpu_calls[] = {
     {"cuEventQuery", 0x0704u, 8u, 0u, 0},
     {"cuEventElapsedTime", 0x0705u, 16u, 4u, 0},
     {"cuEventDestroy_v2", 0x0706u, 8u, 0u, 0},
+    {"cuIpcGetMemHandle", 0x0801u, 8u, 64u, 0},
+    {"cuIpcOpenMemHandle_v2", 0x0802u, 68u, 8u, 0},
+    {"cuIpcCloseMemHandle", 0x0803u, 8u, 0u, 0},
+    {"cuIpcGetEventHandle", 0x0804u, 8u, 64u, 0},
+    {"cuIpcOpenEventHandle", 0x0805u, 64u, 8u, 0},
 };
 
 const struct vgpu_call_info *vgpu_call_by_opcode(uint32_t opcode)
@@ -1120,5 +1125,117 @@ int vgpu_unmarshal_cuEventDestroy_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_
     (void)vgpu_buf;
     if (vgpu_len != 0)
         return -1;
+    return 0;
+}
+
+/* ---- cuIpcGetMemHandle (0x0801, sync) ---- */
+
+int vgpu_marshal_cuIpcGetMemHandle(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr)
+{
+    size_t vgpu_len = 8;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)dptr);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuIpcGetMemHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len, void *pHandle)
+{
+    if (vgpu_len != 64 || vgpu_buf == NULL)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (pHandle != NULL)
+        memcpy(pHandle, vgpu_buf + 0, 64);
+    return 0;
+}
+
+/* ---- cuIpcOpenMemHandle_v2 (0x0802, sync) ---- */
+
+int vgpu_marshal_cuIpcOpenMemHandle_v2(uint8_t *vgpu_buf, size_t vgpu_cap, const void *handle,
+                                       unsigned int Flags)
+{
+    size_t vgpu_len = 68;
+    if (handle == NULL)
+        return -1;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    memcpy(vgpu_buf + 0, handle, 64);
+    vgpu_put_u32(vgpu_buf + 64, (uint32_t)Flags);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuIpcOpenMemHandle_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                               unsigned long long *pdptr)
+{
+    if (vgpu_len != 8 || vgpu_buf == NULL)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (pdptr != NULL)
+        *pdptr = (unsigned long long)vgpu_get_u64(vgpu_buf + 0);
+    return 0;
+}
+
+/* ---- cuIpcCloseMemHandle (0x0803, sync) ---- */
+
+int vgpu_marshal_cuIpcCloseMemHandle(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr)
+{
+    size_t vgpu_len = 8;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)dptr);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuIpcCloseMemHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
+    return 0;
+}
+
+/* ---- cuIpcGetEventHandle (0x0804, sync) ---- */
+
+int vgpu_marshal_cuIpcGetEventHandle(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t event)
+{
+    size_t vgpu_len = 8;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)event);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuIpcGetEventHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                             void *pHandle)
+{
+    if (vgpu_len != 64 || vgpu_buf == NULL)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (pHandle != NULL)
+        memcpy(pHandle, vgpu_buf + 0, 64);
+    return 0;
+}
+
+/* ---- cuIpcOpenEventHandle (0x0805, sync) ---- */
+
+int vgpu_marshal_cuIpcOpenEventHandle(uint8_t *vgpu_buf, size_t vgpu_cap, const void *handle)
+{
+    size_t vgpu_len = 64;
+    if (handle == NULL)
+        return -1;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    memcpy(vgpu_buf + 0, handle, 64);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuIpcOpenEventHandle_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                              uint64_t *phEvent)
+{
+    if (vgpu_len != 8 || vgpu_buf == NULL)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (phEvent != NULL)
+        *phEvent = (uint64_t)vgpu_get_u64(vgpu_buf + 0);
     return 0;
 }

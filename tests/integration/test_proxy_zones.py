@@ -260,3 +260,16 @@ def test_a_zone_dying_mid_call_leaves_other_zones_running(registry: ZoneRegistry
     assert registry.remove("zone-a") == {"device_memory": 1}
     assert time.monotonic() - t0 < 5
     assert other.ok("cuMemGetInfo_v2").total == 16 * MiB
+
+
+def test_ipc_sharing_is_refused(registry: ZoneRegistry) -> None:
+    guest = Guest(registry.register(zone("zone-a"), 16 * MiB))
+    ptr = guest.ok("cuMemAlloc_v2", MiB).dptr
+    event = guest.ok("cuEventCreate", 0).phEvent
+    not_permitted = 800
+    assert guest.call("cuIpcGetMemHandle", ptr)[0] == not_permitted
+    assert guest.call("cuIpcOpenMemHandle_v2", bytes(64), 1)[0] == not_permitted
+    assert guest.call("cuIpcCloseMemHandle", ptr)[0] == not_permitted
+    assert guest.call("cuIpcGetEventHandle", event)[0] == not_permitted
+    assert guest.call("cuIpcOpenEventHandle", bytes(64))[0] == not_permitted
+    assert guest.ok("cuMemGetInfo_v2").total == 16 * MiB

@@ -771,8 +771,9 @@ def test_default_handlers_answer_not_supported(worlds: dict[str, World]) -> None
     ctx: list[str] = []
     for opcode, entry in dispatch_table.DISPATCH.items():
         call = world.table.by_name(entry.name)
+        defaults = {"blob": b"", "cstring": b"k"}
         vals = {
-            a.name: (b"" if a.kind == "blob" else b"k" if a.kind == "cstring" else 0)
+            a.name: bytes(a.size or 0) if a.kind == "fixed_blob" else defaults.get(a.kind, 0)
             for a in call.in_args
         }
         if call.name == "cuDeviceGetUuid_v2":
