@@ -32,11 +32,18 @@ import structlog
 from gpu_proxy.backends.sim import SimBackend
 from gpu_proxy.registry import ZoneRegistry
 from gpu_proxy.telemetry.zone_stats import ZoneIdentity
+from tests.bench.harness import (
+    C_DIR,
+    ROOT,
+    build_c,
+    cpus_env,
+    goal_report,
+    pick_cpus,
+    pinned_host,
+    print_goals,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "idm" / "csrc"
-GEN = ROOT / "libvgpu" / "gen"
-CLIENT_SRC = Path(__file__).resolve().parent / "c" / "zone_client.c"
+CLIENT_SRC = C_DIR / "zone_client.c"
 RESULTS = ROOT / "results" / "bench" / "gpu_proxy_zones.json"
 
 ZONE_COUNTS = (1, 8, 32, 64)
@@ -50,33 +57,6 @@ CLIENT_SPIN_NS = 2000
 SETTLE_S = 1.0
 
 GOALS = {"memory_per_idle_zone_mib": ("<=", 2.0)}
-
-
-def build_client(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exe = out_dir / "zone_client"
-    sources = [CLIENT_SRC, *(CSRC / f"{n}.c" for n in ("ring", "bell", "hello", "local_link"))]
-    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", f"-I{GEN}"]
-    subprocess.run([*cmd, "-o", str(exe), *map(str, sources)], check=True)
-    return exe
-
-
-def pick_cpus() -> tuple[int, int] | None:
-    """Host on one CPU, every guest on another: keeps the host's share of the machine the same
-    at every N, so the scaling figures show the dispatcher, not the scheduler's placement."""
-    allowed = sorted(os.sched_getaffinity(0))
-    return (allowed[0], allowed[1]) if len(allowed) >= 2 else None
-
-
-@contextlib.contextmanager
-def pinned_host(cpus: tuple[int, int] | None) -> Iterator[None]:
-    before = os.sched_getaffinity(0)
-    if cpus:
-        os.sched_setaffinity(0, {cpus[0]})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 @contextlib.contextmanager
@@ -129,9 +109,7 @@ def zones_with_clients(
 
 def run_zones(exe: Path, n: int, run_s: float, cpus: tuple[int, int] | None) -> dict[str, Any]:
     """N zones calling at once; per-zone figures from each client, aggregated here."""
-    env = dict(os.environ)
-    if cpus:
-        env["IDM_BENCH_CPUS"] = f"{cpus[0]},{cpus[1]}"
+    env = cpus_env(cpus)
     argv = [str(exe), "calls", str(int(WARMUP_S * 1e9)), str(int(run_s * 1e9)), str(CLIENT_SPIN_NS)]
     with zones_with_clients(n, argv, env) as procs:
         for p in procs:  # start everyone together, after all have connected
@@ -206,7 +184,7 @@ def measure(quick: bool) -> dict[str, Any]:
     run_s = 2.0 if quick else 5.0
     cpus = pick_cpus()
     with tempfile.TemporaryDirectory(prefix="gpu-proxy-bench-") as tmp:
-        exe = build_client(Path(tmp))
+        exe = build_c(CLIENT_SRC, Path(tmp))
         with pinned_host(cpus), quiet_logs():
             host_cpus = len(os.sched_getaffinity(0))
             scaling = [run_zones(exe, n, run_s, cpus) for n in ZONE_COUNTS]
@@ -244,18 +222,9 @@ def measure(quick: bool) -> dict[str, Any]:
         "host_cpu_count": host_cpus,
         "machine_cpu_count": os.cpu_count(),
         "figures": figures,
-        "goals": goal_report(figures),
+        "goals": goal_report(figures, GOALS),
         "raw": {"scaling": scaling, "memory_rss": rss, "memory_tracemalloc": heap},
     }
-
-
-def goal_report(figures: dict[str, float]) -> dict[str, dict[str, Any]]:
-    report = {}
-    for name, (op, target) in GOALS.items():
-        value = figures[name]
-        met = value <= target if op == "<=" else value >= target
-        report[name] = {"value": round(value, 3), "goal": f"{op} {target}", "met": met}
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result["figures"].items():
         if not name.startswith("zones_"):
             print(f"  {name:<40} {value:>14,.3f}")
-    print("goals:")
-    for name, g in result["goals"].items():
-        verdict = "met" if g["met"] else "MISSED"
-        print(f"  {name:<40} {g['value']:>14,.3f}  goal {g['goal']:<12} {verdict}")
+    print_goals(result["goals"])
     print(f"results: {args.out}")
     return 0 if all(math.isfinite(v) for v in result["figures"].values()) else 1
 

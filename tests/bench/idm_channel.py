@@ -12,7 +12,6 @@ Results: results/bench/idm_channel.json.
 import argparse
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,11 +24,18 @@ from typing import Any
 from idm.links.local import LocalListener
 from idm.server import ChannelServer
 from idm.wire import HEADER, MAX_PAYLOAD
+from tests.bench.harness import (
+    C_DIR,
+    ROOT,
+    build_c,
+    cpus_env,
+    goal_report,
+    pick_cpus,
+    pinned_host,
+    print_goals,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "idm" / "csrc"
-GEN = ROOT / "libvgpu" / "gen"
-DRIVER_SRC = Path(__file__).resolve().parent / "c" / "idm_bench.c"
+DRIVER_SRC = C_DIR / "idm_bench.c"
 RESULTS = ROOT / "results" / "bench" / "idm_channel.json"
 BULK_BYTES = 64 << 20
 
@@ -44,41 +50,9 @@ GOALS = {
 }
 
 
-def build_driver(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exe = out_dir / "idm_bench"
-    sources = [DRIVER_SRC, *(CSRC / f"{n}.c" for n in ("ring", "bell", "hello", "local_link"))]
-    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", f"-I{GEN}"]
-    cmd += ["-o", str(exe)]
-    subprocess.run([*cmd, *map(str, sources)], check=True)
-    return exe
-
-
-def pick_cpus() -> tuple[int, int] | None:
-    """Two CPUs for host and client: pinning removes the run-to-run swings that come from where
-    the scheduler happens to place the two spinning sides. None with fewer than two CPUs."""
-    allowed = sorted(os.sched_getaffinity(0))
-    return (allowed[0], allowed[1]) if len(allowed) >= 2 else None
-
-
-@contextlib.contextmanager
-def pinned_host(cpus: tuple[int, int] | None) -> Iterator[None]:
-    """Pin this process (and the host threads it starts) to the host CPU for the block."""
-    before = os.sched_getaffinity(0)
-    if cpus:
-        os.sched_setaffinity(0, {cpus[0]})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def run_driver(exe: Path, *args: object, cpus: tuple[int, int] | None = None) -> dict[str, Any]:
-    env = dict(os.environ)
-    if cpus:
-        env["IDM_BENCH_CPUS"] = f"{cpus[0]},{cpus[1]}"
     out = subprocess.run(
-        [str(exe), *map(str, args)], check=True, capture_output=True, text=True, env=env
+        [str(exe), *map(str, args)], check=True, capture_output=True, text=True, env=cpus_env(cpus)
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -149,7 +123,7 @@ def measure(quick: bool) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     cpus = pick_cpus()
     with tempfile.TemporaryDirectory(prefix="idm-bench-") as tmp, pinned_host(cpus):
-        exe = build_driver(Path(tmp))
+        exe = build_c(DRIVER_SRC, Path(tmp))
         sock = Path(tmp) / "host.sock"
         with python_host(sock):
             raw["c_to_python_null"] = run_driver(exe, "local-null", sock, calls, 0, cpus=cpus)
@@ -182,18 +156,9 @@ def measure(quick: bool) -> dict[str, Any]:
         "quick": quick,
         "cpus": {"host": cpus[0], "client": cpus[1]} if cpus else None,
         "figures": figures,
-        "goals": goal_report(figures),
+        "goals": goal_report(figures, GOALS),
         "raw": raw,
     }
-
-
-def goal_report(figures: dict[str, float]) -> dict[str, dict[str, Any]]:
-    report = {}
-    for name, (op, target) in GOALS.items():
-        value = figures[name]
-        met = value <= target if op == "<=" else value >= target
-        report[name] = {"value": round(value, 3), "goal": f"{op} {target}", "met": met}
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"IDM channel benchmark ({'quick' if args.quick else 'full'} run)")
     for name, value in result["figures"].items():
         print(f"  {name:<40} {value:>14,.3f}")
-    print("goals:")
-    for name, g in result["goals"].items():
-        verdict = "met" if g["met"] else "MISSED"
-        print(f"  {name:<40} {g['value']:>14,.3f}  goal {g['goal']:<12} {verdict}")
+    print_goals(result["goals"])
     print(f"results: {args.out}")
     return 0
 

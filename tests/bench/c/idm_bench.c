@@ -9,7 +9,7 @@
  * Prints one JSON object on stdout. With IDM_BENCH_CPUS="H,C" the host side (the c2c child) runs
  * on CPU H and the client on CPU C, so runs do not depend on where the scheduler puts them.
  */
-#define _GNU_SOURCE
+#include "bench.h"
 #include "idm.h"
 #include "vgpu_calls.h"
 
@@ -24,43 +24,9 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void die(const char *what, int rc)
-{
-    fprintf(stderr, "idm_bench: %s: %s\n", what, strerror(rc < 0 ? -rc : rc));
-    exit(1);
-}
-
-/* role 0: host side, 1: client side */
-static void pin_self(int role)
-{
-    const char *spec = getenv("IDM_BENCH_CPUS");
-    int cpus[2];
-    cpu_set_t set;
-
-    if (!spec || sscanf(spec, "%d,%d", &cpus[0], &cpus[1]) != 2)
-        return;
-    CPU_ZERO(&set);
-    CPU_SET(cpus[role], &set);
-    if (sched_setaffinity(0, sizeof(set), &set))
-        die("sched_setaffinity", errno);
-}
-
 /* Latency runs start only after this much warm-up: the first few hundred ms of a run on these
  * machines are measurably slower (caches, frequency, the host's scheduler settling). */
 #define WARMUP_NS 300000000ull
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
 
 static void print_latency(const char *mode, uint64_t *lat, long n, size_t size)
 {

@@ -13,7 +13,7 @@
  * budget (2 us): a reply that is not back that soon is waited for asleep.
  * With IDM_BENCH_CPUS="H,C" the client pins itself to CPU C (the host runs on CPU H).
  */
-#define _GNU_SOURCE
+#include "bench.h"
 #include "idm.h"
 #include "vgpu_calls.h"
 
@@ -23,39 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void die(const char *what, int rc)
-{
-    fprintf(stderr, "zone_client: %s: %s\n", what, strerror(rc < 0 ? -rc : rc));
-    exit(1);
-}
-
-static void pin_self(void)
-{
-    const char *spec = getenv("IDM_BENCH_CPUS");
-    int host, client;
-    cpu_set_t set;
-
-    if (!spec || sscanf(spec, "%d,%d", &host, &client) != 2)
-        return;
-    CPU_ZERO(&set);
-    CPU_SET(client, &set);
-    if (sched_setaffinity(0, sizeof(set), &set))
-        die("sched_setaffinity", errno);
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
 
 static void connect_zone(struct idm_local_link *link, const char *path)
 {
@@ -143,7 +110,7 @@ int main(int argc, char **argv)
     struct idm_local_link link;
     const char *mode = argc > 1 ? argv[1] : "";
 
-    pin_self();
+    pin_self(1);
     if (!strcmp(mode, "calls") && argc == 6) {
         connect_zone(&link, argv[2]);
         link.ep.spin_ns = (uint32_t)strtoul(argv[5], NULL, 0);
