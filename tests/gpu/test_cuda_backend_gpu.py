@@ -3,12 +3,9 @@ and event ordering, and modules built by nvcc for the device launched through th
 parameter buffer. Needs an NVIDIA GPU and nvcc (run on a lent device: ``pytest -m gpu``)."""
 
 import os
-import shutil
 import struct
-import subprocess
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cuda.bindings import driver
@@ -16,10 +13,10 @@ from cuda.bindings import driver
 from gpu_proxy.backends.base import Context, Module
 from gpu_proxy.backends.cuda import CudaBackend
 from gpu_proxy.errors import InvalidContext, InvalidValue, NotFound
+from tests.nvcc import build_modules
 
 pytestmark = pytest.mark.gpu
 
-NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 MiB = 1 << 20
 
 SOURCE = r"""
@@ -49,24 +46,10 @@ def ctx(backend: CudaBackend) -> Iterator[Context]:
 @pytest.fixture(scope="module")
 def images(backend: CudaBackend, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """SOURCE as a cubin and as PTX for this device's SM."""
-    assert os.access(NVCC, os.X_OK), f"{NVCC} not found: these tests build real CUDA modules"
     major, minor = backend.device_info().compute_capability
-    sm = f"{major}{minor}"
-    tmp = tmp_path_factory.mktemp("gpu_modules")
-    src = tmp / "kernels.cu"
-    src.write_text(SOURCE)
-    out: dict[str, bytes] = {}
-    for kind in ("cubin", "ptx"):
-        target = tmp / f"kernels.{kind}"
-        proc = subprocess.run(
-            [NVCC, f"-{kind}", f"-arch=sm_{sm}", "-o", str(target), str(src)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, f"nvcc {kind}: {proc.stderr}"
-        out[kind] = Path(target).read_bytes()
-    return out
+    arch = f"-arch=sm_{major}{minor}"
+    builds = {"cubin": ["-cubin", arch], "ptx": ["-ptx", arch]}
+    return build_modules(SOURCE, builds, tmp_path_factory.mktemp("gpu_modules"))
 
 
 @pytest.fixture

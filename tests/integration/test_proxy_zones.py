@@ -22,10 +22,10 @@ from idm.channel import Channel, ChannelClosed
 from idm.gen.codec import CALLS_BY_NAME
 from idm.links.local import LocalLink
 from idm.wire import MAX_PAYLOAD, Flags, Status
+from tests.nvcc import build_modules
 
 MiB = 1 << 20
 OK, INVALID_VALUE, OUT_OF_MEMORY, INVALID_HANDLE = 0, 1, 2, 400
-NVCC = "/usr/local/cuda/bin/nvcc"
 KERNELS = """
 extern "C" __global__ void add(const float* a, const float* b, float* c, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) c[i] = a[i] + b[i];
@@ -73,13 +73,8 @@ def registry(tmp_path: Path) -> Iterator[ZoneRegistry]:
 
 @pytest.fixture(scope="module")
 def cubin(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    assert os.access(NVCC, os.X_OK), f"{NVCC} not found: this test loads a real CUDA module"
-    tmp = tmp_path_factory.mktemp("cubin")
-    (tmp / "k.cu").write_text(KERNELS)
-    subprocess.run(
-        [NVCC, "-cubin", "-arch=sm_90", "-o", str(tmp / "k.cubin"), str(tmp / "k.cu")], check=True
-    )
-    return (tmp / "k.cubin").read_bytes()
+    builds = {"k.cubin": ["-cubin", "-arch=sm_90"]}
+    return build_modules(KERNELS, builds, tmp_path_factory.mktemp("cubin"))["k.cubin"]
 
 
 def test_memory_round_trips_in_every_direction(registry: ZoneRegistry) -> None:

@@ -1,10 +1,7 @@
 """Module images built by the real nvcc parse to the kernels and parameter layouts the driver
 would use, and hostile variants of them fail only with ModuleImageError."""
 
-import os
-import shutil
 import struct
-import subprocess
 import time
 from dataclasses import replace
 
@@ -23,8 +20,7 @@ from gpu_proxy.modules import (
 )
 from gpu_proxy.modules.elf import kernel_info
 from gpu_proxy.modules.fatbin import FLAG_LZ4, FLAG_ZSTD, parse_fatbin
-
-NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+from tests.nvcc import build_modules
 
 SOURCE = r"""
 struct S24 { double a; float b; int c; long long d; };
@@ -71,22 +67,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Every build of SOURCE, compiled in parallel (about 2 s)."""
-    # nvcc is part of this project's build environment (/usr/local/cuda); a missing one must
-    # fail loudly rather than silently skip the real-binary tests.
-    assert os.access(NVCC, os.X_OK), f"{NVCC} not found: these tests build real CUDA modules"
-    tmp = tmp_path_factory.mktemp("modules")
-    src = tmp / "kernels.cu"
-    src.write_text(SOURCE)
-    procs = {
-        name: subprocess.Popen(
-            [NVCC, *flags, "-o", str(tmp / name), str(src)], stderr=subprocess.PIPE, text=True
-        )
-        for name, flags in BUILDS.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"nvcc {name}: {err}"
-    return {name: (tmp / name).read_bytes() for name in BUILDS}
+    return build_modules(SOURCE, BUILDS, tmp_path_factory.mktemp("modules"))
 
 
 def test_cubin_kernels_and_param_layouts(images: dict[str, bytes]) -> None:

@@ -4,7 +4,6 @@ like the driver for bad input, and records launches without pretending to comput
 import hashlib
 import os
 import re
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,8 +32,8 @@ from gpu_proxy.errors import (
     NotReady,
     OutOfMemory,
 )
+from tests.nvcc import build_modules
 
-NVCC = "/usr/local/cuda/bin/nvcc"
 CUDA_H = Path("/usr/local/cuda/include/cuda.h")
 SOURCE = r"""
 extern "C" __global__ void add(const float* a, const float* b, float* c, int n)
@@ -53,21 +52,8 @@ GATE_TIMEOUT_S = 10
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """Real nvcc output; nvcc is part of the build environment, so its absence is a failure."""
-    assert os.access(NVCC, os.X_OK), f"{NVCC} not found: these tests load real CUDA modules"
-    tmp = tmp_path_factory.mktemp("sim_modules")
-    src = tmp / "add.cu"
-    src.write_text(SOURCE)
-    procs = {
-        name: subprocess.Popen(
-            [NVCC, *flags, "-o", str(tmp / name), str(src)], stderr=subprocess.PIPE, text=True
-        )
-        for name, flags in BUILDS.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"nvcc {name}: {err}"
-    return {name: (tmp / name).read_bytes() for name in BUILDS}
+    """Real nvcc output."""
+    return build_modules(SOURCE, BUILDS, tmp_path_factory.mktemp("sim_modules"))
 
 
 @pytest.fixture
