@@ -11,6 +11,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "idm.h"
+#include "vgpu_calls.h"
+
 static inline uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -44,6 +47,25 @@ static inline int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
+}
+
+/* The zone side of a LocalLink to the host listening at `path`, hello done; exits on failure. */
+static inline void connect_local(struct idm_local_link *link, const char *path, uint32_t order)
+{
+    struct idm_layout lay = {order, order};
+    char why[256];
+    uint16_t version;
+    uint32_t agreed;
+    int rc = idm_local_connect(link, path, &lay, why, sizeof(why));
+
+    if (rc) {
+        fprintf(stderr, "%s: %s\n", program_invocation_short_name, why);
+        exit(1);
+    }
+    rc = idm_hello_client(&link->ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version, &agreed,
+                          10000);
+    if (rc)
+        die("hello", rc);
 }
 
 #endif

@@ -40,23 +40,6 @@ static void print_latency(const char *mode, uint64_t *lat, long n, size_t size)
            sum / (double)n);
 }
 
-static void connect_local(struct idm_local_link *link, const char *path, uint32_t order)
-{
-    struct idm_layout lay = {order, order};
-    char why[256];
-    uint16_t version;
-    uint32_t agreed;
-    int rc = idm_local_connect(link, path, &lay, why, sizeof(why));
-    if (rc) {
-        fprintf(stderr, "idm_bench: %s\n", why);
-        exit(1);
-    }
-    rc = idm_hello_client(&link->ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version, &agreed,
-                          10000);
-    if (rc)
-        die("hello", rc);
-}
-
 static void sync_call(struct idm_endpoint *ep, uint64_t seq, const void *buf, uint32_t size,
                       void *reply)
 {

@@ -24,23 +24,6 @@
 #include <string.h>
 #include <time.h>
 
-static void connect_zone(struct idm_local_link *link, const char *path)
-{
-    struct idm_layout lay = {19, 19}; /* the library's default ring layout */
-    char why[256];
-    uint16_t version;
-    uint32_t agreed;
-    int rc = idm_local_connect(link, path, &lay, why, sizeof(why));
-    if (rc) {
-        fprintf(stderr, "zone_client: %s\n", why);
-        exit(1);
-    }
-    rc = idm_hello_client(&link->ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version, &agreed,
-                          10000);
-    if (rc)
-        die("hello", rc);
-}
-
 /* Ready handshake with the benchmark: all zones connect first, then all start together. */
 static void ready_then_wait(void)
 {
@@ -112,13 +95,13 @@ int main(int argc, char **argv)
 
     pin_self(1);
     if (!strcmp(mode, "calls") && argc == 6) {
-        connect_zone(&link, argv[2]);
+        connect_local(&link, argv[2], 19); /* the library default */
         link.ep.spin_ns = (uint32_t)strtoul(argv[5], NULL, 0);
         ready_then_wait();
         run_calls(&link.ep, strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     } else if (!strcmp(mode, "idle") && argc == 3) {
         char line[16];
-        connect_zone(&link, argv[2]);
+        connect_local(&link, argv[2], 19); /* the library default */
         printf("ready\n");
         fflush(stdout);
         while (fgets(line, sizeof(line), stdin))
