@@ -14,23 +14,25 @@ from collections.abc import Callable
 from cuda.bindings.driver import CUresult
 
 from gpu_proxy.backends.base import Stream
-from gpu_proxy.errors import CudaError, InvalidValue, OutOfMemory
+from gpu_proxy.errors import (
+    CUDA_ERROR_INVALID_VALUE,
+    CUDA_ERROR_NOT_PERMITTED,
+    CUDA_ERROR_NOT_READY,
+    CudaError,
+    InvalidDevice,
+    InvalidValue,
+    OutOfMemory,
+)
 from gpu_proxy.gen.dispatch_table import DISPATCH, CallHandlers, invoke
 from gpu_proxy.handles import HandleKind
 from gpu_proxy.telemetry.events import EventKind
 from gpu_proxy.telemetry.zone_stats import MemcpyDirection
 from gpu_proxy.zone import Caller
-from idm.callcodec import DecodeError
+from idm.callcodec import CUDA_ERROR_NOT_SUPPORTED, CUDA_SUCCESS, DecodeError
 from idm.gen import codec as c
 from idm.server import Reply
 from idm.wire import Header
 
-CUDA_SUCCESS = 0
-CUDA_ERROR_INVALID_VALUE = 1
-CUDA_ERROR_INVALID_DEVICE = 101
-CUDA_ERROR_NOT_READY = 600
-CUDA_ERROR_NOT_PERMITTED = 800
-CUDA_ERROR_NOT_SUPPORTED = 801
 DEVICE = 0  # one GPU per proxy instance; a zone sees it as device 0
 
 H = HandleKind
@@ -43,11 +45,7 @@ def _stream(caller: Caller, handle: int) -> Stream | None:
 
 def _check_device(dev: int) -> None:
     if dev != DEVICE:
-        raise _InvalidDevice()
-
-
-class _InvalidDevice(CudaError):
-    result = CUDA_ERROR_INVALID_DEVICE
+        raise InvalidDevice(f"device {dev}: a zone has device 0 only")
 
 
 class ProxyCalls(CallHandlers[Caller]):

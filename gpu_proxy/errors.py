@@ -8,12 +8,14 @@ from __future__ import annotations
 
 CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_OUT_OF_MEMORY = 2
+CUDA_ERROR_INVALID_DEVICE = 101
 CUDA_ERROR_INVALID_IMAGE = 200
 CUDA_ERROR_INVALID_CONTEXT = 201
 CUDA_ERROR_NO_BINARY_FOR_GPU = 209
 CUDA_ERROR_INVALID_HANDLE = 400
 CUDA_ERROR_NOT_FOUND = 500
 CUDA_ERROR_NOT_READY = 600
+CUDA_ERROR_NOT_PERMITTED = 800
 
 
 class CudaError(Exception):
@@ -33,6 +35,13 @@ class OutOfMemory(CudaError):
     (CUDA_ERROR_OUT_OF_MEMORY)."""
 
     result = CUDA_ERROR_OUT_OF_MEMORY
+
+
+class InvalidDevice(CudaError):
+    """A device ordinal the zone does not have: each zone sees one GPU, device 0
+    (CUDA_ERROR_INVALID_DEVICE)."""
+
+    result = CUDA_ERROR_INVALID_DEVICE
 
 
 class InvalidHandle(CudaError):

@@ -212,11 +212,11 @@ def test_telemetry_and_events_follow_the_zone(registry: ZoneRegistry) -> None:
 
 
 DYING_GUEST = """
-import os, signal, struct, sys
-from idm._ring import ffi, lib
+import os, signal, sys
 from idm.gen.codec import CALLS_BY_NAME
 from idm.links.local import LocalLink
 from idm.wire import MAX_PAYLOAD, pack_header
+from tests.hostile_zone import publish_raw
 link = LocalLink.connect(sys.argv[1])
 ch = link.open_channel()
 ch.hello_client(MAX_PAYLOAD)
@@ -226,12 +226,7 @@ ptr = alloc.decode_reply(ch.recv(timeout_ms=10000).payload).dptr
 copy = CALLS_BY_NAME["cuMemcpyHtoD_v2"]
 payload = copy.encode_request(ptr, b"x" * (8 << 20), 8 << 20)
 # The header of an 8 MiB copy and its first 64 KiB, published; then the process dies mid-call.
-sent = int(ch._ep.tx_prod)
-msg = pack_header(copy.opcode, len(payload), 2) + payload[: 64 << 10]
-at = lib.IDM_PAGE_SIZE + sent
-link.memory[at : at + len(msg)] = msg
-prod = ffi.offsetof("struct idm_ctrl", "req") + ffi.offsetof("struct idm_dir_ctrl", "prod")
-link.memory[prod : prod + 8] = struct.pack("<Q", sent + len(msg))
+publish_raw(link.memory, ch, pack_header(copy.opcode, len(payload), 2) + payload[: 64 << 10])
 print("dying", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -268,3 +263,13 @@ def test_ipc_sharing_is_refused(registry: ZoneRegistry) -> None:
     assert guest.call("cuIpcGetEventHandle", event)[0] == not_permitted
     assert guest.call("cuIpcOpenEventHandle", bytes(64))[0] == not_permitted
     assert guest.ok("cuMemGetInfo_v2").total == 16 * MiB
+
+
+def test_a_zone_sees_exactly_one_device(registry: ZoneRegistry) -> None:
+    guest = Guest(registry.register(zone("zone-a"), 16 * MiB))
+    invalid_device = 101
+    assert guest.ok("cuDeviceGetCount").deviceCount == 1
+    assert guest.ok("cuDeviceGet", 0).device == 0
+    assert guest.call("cuDeviceGet", 1)[0] == invalid_device
+    assert guest.call("cuDeviceGetAttribute", 1, 1)[0] == invalid_device  # (attrib, dev)
+    assert b"(vgpu sim)" in bytes(guest.ok("cuDeviceGetName", 256, 0).name)
