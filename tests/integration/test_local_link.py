@@ -156,22 +156,17 @@ def test_hostile_offers_are_refused_and_the_listener_survives(
 
 
 ZONE_SCRIPT = """
-import os, signal, struct, sys
-from idm._ring import ffi, lib
+import os, signal, sys
 from idm.links.local import LocalLink
 from idm.wire import pack_header
+from tests.hostile_zone import publish_raw
 link = LocalLink.connect(sys.argv[1])
 ch = link.open_channel()
 ch.hello_client(1 << 20)
 if sys.argv[2] == "mid-message":
     # A header promising 300000 bytes (more than a batch holds, so it streams), 100 of them
     # published; then the zone dies.
-    sent = int(ch._ep.tx_prod)
-    msg = pack_header(1, 300000, 5) + b"x" * 100
-    at = lib.IDM_PAGE_SIZE + sent
-    link.memory[at : at + len(msg)] = msg
-    prod = ffi.offsetof("struct idm_ctrl", "req") + ffi.offsetof("struct idm_dir_ctrl", "prod")
-    link.memory[prod : prod + 8] = struct.pack("<Q", sent + len(msg))
+    publish_raw(link.memory, ch, pack_header(1, 300000, 5) + b"x" * 100)
 print("ready", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
