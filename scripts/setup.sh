@@ -8,7 +8,10 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libf
     # the nested Xen testbed (tests/xen): emulator, Dom0 root builder, guest initramfs, ext4
     qemu-system-x86 mmdebstrap busybox-static e2fsprogs
     # promtool checks gpu-proxy's /metrics exposition
-    prometheus)
+    prometheus
+    # vgpu-runtime: OCI runtimes for the zone agent (crun; runc where crun cannot run, e.g.
+    # hybrid cgroups), a real registry for image tests, containerd for the CRI benchmark baseline
+    crun runc docker-registry containerd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -11,4 +11,5 @@ bash scripts/setup.sh
 .venv/bin/mypy
 .venv/bin/python -m idm.codegen --check
 .venv/bin/python -m gpu_proxy.proto.protogen --check
+.venv/bin/python -m cri_runtime.cri.protogen --check
 exec .venv/bin/pytest -m "not dom0 and not kernel and not fuzz and not gpu" "$@"

@@ -1,0 +1,39 @@
+"""The runtime's end of the control channel to one zone agent (implemented by issue 5's agent
+work): thread-safe request/reply matched by sequence number, so a long ExecSync never blocks
+another CRI call on the same zone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime  # noqa: F401
+
+from cri_runtime.agent import protocol as p
+
+
+class AgentError(Exception):
+    """The agent answered with a failure status."""
+
+    def __init__(self, status: p.AgentStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AgentGone(Exception):
+    """The control channel is closed: the zone or its agent died."""
+
+
+class AgentClient:
+    ready: p.AgentReady
+
+    def create(self, spec: p.ContainerSpec) -> p.ContainerInfo: ...
+    def start(self, container_id: str) -> p.ContainerInfo: ...
+    def stop(self, container_id: str, timeout_s: float) -> p.ContainerInfo: ...
+    def remove(self, container_id: str) -> None: ...
+    def status(self, container_id: str) -> p.ContainerInfo: ...
+    def list(self) -> Sequence[p.ContainerInfo]: ...
+    def exec_sync(self, container_id: str, cmd: Sequence[str], timeout_s: float) -> p.ExecResult: ...
+    def reopen_log(self, container_id: str) -> None: ...
+    def stats(self, container_id: str) -> p.Stats: ...
+    def update_resources(self, container_id: str, resources: p.Resources) -> p.ContainerInfo: ...
+    def shutdown(self, grace_s: float) -> None: ...
+    def close(self) -> None: ...
