@@ -104,7 +104,10 @@ def stale_files(root: Path) -> list[str]:
         stale = []
         for name in OUTPUTS:
             current = root / GEN / name
-            if not current.exists() or current.read_bytes() != (Path(tmp) / GEN / name).read_bytes():
+            if (
+                not current.exists()
+                or current.read_bytes() != (Path(tmp) / GEN / name).read_bytes()
+            ):
                 stale.append(str(GEN / name))
         return stale
 

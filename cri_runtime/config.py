@@ -1,0 +1,95 @@
+"""vgpu-runtime's configuration: defaults, then a TOML file, then VGPU_RUNTIME_* environment
+variables, then command-line options. Validated once at start-up so a typo stops the daemon
+with a clear message rather than failing the first pod."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG = Path("/etc/vgpu-isolated/vgpu-runtime.toml")
+GPU_HANDLER = "vgpu-isolated"
+
+
+class RuntimeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VGPU_RUNTIME_", extra="forbid")
+
+    listen: Path = Field(
+        Path("/run/vgpu-isolated/vgpu-runtime.sock"),
+        description="unix socket kubelet's --container-runtime-endpoint points at",
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/vgpu-runtime"), description="sandbox/container records and images"
+    )
+    zones_dir: Path = Field(
+        Path("/run/vgpu-runtime/zones"), description="per-zone working files (sockets, rootfs)"
+    )
+    zone_backend: Literal["process", "xen"] = Field(
+        "process", description="process: host namespaces (dev/CI, not isolation); xen: domUs"
+    )
+    registry_config_dir: Path = Field(
+        Path("/etc/vgpu-isolated/certs.d"),
+        description="per-registry mirrors: <dir>/<host>/hosts.toml (containerd's format)",
+    )
+    gpu_handlers: list[str] = Field(
+        [GPU_HANDLER], description="runtime handlers whose pods get a GPU channel"
+    )
+    plain_handlers: list[str] = Field(
+        [""], description="runtime handlers served without a GPU ('' is the default handler)"
+    )
+    gpu_proxy_control: str = Field(
+        "unix:///run/vgpu-isolated/gpu-proxy.sock",
+        description="gpu-proxy's ZoneControl gRPC address; '' runs GPU pods without a proxy",
+    )
+    gpu_memory_annotation: str = Field(
+        "vgpu-isolated.io/gpu-memory",
+        description="pod annotation with the zone's device memory quota (e.g. 4Gi); else "
+        "gpu-proxy's default",
+    )
+    libvgpu: Path | None = Field(
+        None, description="libvgpu.so, mounted into GPU containers as libcuda.so.1"
+    )
+    oci_runtime: Literal["auto", "crun", "runc"] = Field(
+        "auto", description="OCI runtime the zone agent uses; auto prefers crun"
+    )
+    zone_boot_timeout_s: float = Field(60.0, gt=0, description="default wait for a zone's agent")
+    log_json: bool = Field(True, description="JSON lines (services) or console (humans)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def handlers(self) -> list[str]:
+        return [*self.gpu_handlers, *self.plain_handlers]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_config(path: Path | None, **overrides: Any) -> RuntimeConfig:
+    """The configuration from ``path`` (must exist if given) or the default file if present;
+    ``overrides`` (command-line options) win and are validated the same way."""
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    chosen = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+
+    class FromFile(RuntimeConfig):
+        model_config = SettingsConfigDict(
+            env_prefix="VGPU_RUNTIME_", extra="forbid", toml_file=chosen
+        )
+
+    return FromFile(**overrides)
