@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import structlog
-from google.protobuf.wrappers_pb2 import Int64Value, UInt64Value
 
 from cri_runtime.cri.gen import api_pb2, api_pb2_grpc
 from cri_runtime.errors import InvalidArgument
@@ -23,7 +22,7 @@ def image_message(image: Image) -> api_pb2.Image:
         repo_tags=image.repo_tags,
         repo_digests=image.repo_digests,
         size=image.size,
-        uid=Int64Value(value=int(user)) if user.isdigit() else None,
+        uid=api_pb2.Int64Value(value=int(user)) if user.isdigit() else None,
         username="" if user.isdigit() else user,
         spec=api_pb2.ImageSpec(image=image.id),
         pinned=image.pinned,
@@ -99,7 +98,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         fs = api_pb2.FilesystemUsage(
             timestamp=usage.timestamp_ns,
             fs_id=api_pb2.FilesystemIdentifier(mountpoint=str(usage.mountpoint)),
-            used_bytes=UInt64Value(value=usage.used_bytes),
-            inodes_used=UInt64Value(value=usage.inodes_used),
+            used_bytes=api_pb2.UInt64Value(value=usage.used_bytes),
+            inodes_used=api_pb2.UInt64Value(value=usage.inodes_used),
         )
         return api_pb2.ImageFsInfoResponse(image_filesystems=[fs], container_filesystems=[fs])

@@ -33,7 +33,7 @@ from cri_runtime.errors import (
     NotFound,
 )
 from cri_runtime.gpu import GpuProxyClient, parse_quantity
-from cri_runtime.images.store import ImageStore
+from cri_runtime.images.store import Image, ImageStore
 from cri_runtime.state import (
     ContainerRecord,
     ContainerState,
@@ -354,43 +354,10 @@ class PodManager:
             if image is None:
                 raise NotFound(f"image {config.image.image!r} is not present: pull it first")
             container_id = new_id()
-            log_path = None
-            if sandbox.log_directory and config.log_path:
-                log_path = Path(sandbox.log_directory) / config.log_path
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-            spec = container_spec(
-                container_id,
-                config,
-                image.config,
-                self.images.layer_dirs(image),
-                hostname=sandbox.zone.hostname,
-                log_path=log_path,
-                gpu=bool(sandbox.gpu_socket),
-            )
-            record = ContainerRecord(
-                id=container_id,
-                created_at_ns=time.time_ns(),
-                labels=dict(config.labels),
-                annotations=dict(config.annotations),
-                config=config.SerializeToString(),
-                sandbox_id=sandbox_id,
-                name=config.metadata.name,
-                attempt=config.metadata.attempt,
-                image=config.image.image,
-                image_id=image.id,
-                image_ref=image.repo_digests[0] if image.repo_digests else image.id,
-                log_path=str(log_path or ""),
-            )
-            taken = [
-                c for c in self.containers_of(sandbox_id) if c.reserved_name == record.reserved_name
-            ]
-            if taken:
-                raise AlreadyExists(
-                    f"container name {record.reserved_name} is already used by {taken[0].id}"
-                )
-            self.images.hold(image.id, container_id)
-            self.state.containers.put(record)
+            self.images.hold(image.id, container_id)  # before layer_dirs: no removal in between
             try:
+                record, spec = self._new_container(container_id, sandbox, config, image)
+                self.state.containers.put(record)
                 info = agent.create(spec)
             except BaseException:
                 self.state.containers.delete(container_id)
@@ -399,6 +366,46 @@ class PodManager:
             record = self._apply(record, info)
         log.info("container created", sandbox=sandbox_id, container=container_id, name=record.name)
         return record
+
+    def _new_container(
+        self,
+        container_id: str,
+        sandbox: SandboxRecord,
+        config: api_pb2.ContainerConfig,
+        image: Image,
+    ) -> tuple[ContainerRecord, p.ContainerSpec]:
+        log_path = None
+        if sandbox.log_directory and config.log_path:
+            log_path = Path(sandbox.log_directory) / config.log_path
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        spec = container_spec(
+            container_id,
+            config,
+            image.config,
+            self.images.layer_dirs(image),
+            hostname=sandbox.zone.hostname,
+            log_path=log_path,
+            gpu=bool(sandbox.gpu_socket),
+        )
+        record = ContainerRecord(
+            id=container_id,
+            created_at_ns=time.time_ns(),
+            labels=dict(config.labels),
+            annotations=dict(config.annotations),
+            config=config.SerializeToString(),
+            sandbox_id=sandbox.id,
+            name=config.metadata.name,
+            attempt=config.metadata.attempt,
+            image=config.image.image,
+            image_id=image.id,
+            image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+            log_path=str(log_path or ""),
+        )
+        name = record.reserved_name
+        taken = [c for c in self.containers_of(sandbox.id) if c.reserved_name == name]
+        if taken:
+            raise AlreadyExists(f"container name {name} is already used by {taken[0].id}")
+        return record, spec
 
     def container(self, container_id: str) -> ContainerRecord:
         record = self.state.containers.get(container_id)

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf.wrappers_pb2 import UInt64Value
 
 from cri_runtime.agent import protocol as p
 from cri_runtime.agent.client import AgentError, AgentGone
 from cri_runtime.cri.gen import api_pb2, api_pb2_grpc
+from cri_runtime.cri.gen.api_pb2 import UInt64Value
 from cri_runtime.errors import CriError
 from cri_runtime.images import errors as image_errors
 from cri_runtime.pods import PodManager
@@ -132,7 +132,8 @@ def container_stats(record: ContainerRecord, stats: p.Stats | None) -> api_pb2.C
         )
         out.memory.CopyFrom(
             api_pb2.MemoryUsage(
-                timestamp=ts, working_set_bytes=UInt64Value(value=stats.memory_working_set_bytes)
+                timestamp=ts,
+                working_set_bytes=UInt64Value(value=stats.memory_working_set_bytes),
             )
         )
         out.writable_layer.CopyFrom(

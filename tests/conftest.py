@@ -1,9 +1,15 @@
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
+from cri_runtime.images import registry as images_registry
+from cri_runtime.images import store as images_store
 from idm.channel import Channel, RingLayout, Side
 from tests.inprocess_link import InProcessRegion
+from tests.registry import LocalRegistry, busybox_image
 
 Pair = tuple[InProcessRegion, Channel, Channel]
 
@@ -24,3 +30,27 @@ def make_pair() -> Iterator[Callable[..., Pair]]:
         zone.close()
         host.close()
         region.close()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    """A docker-registry on 127.0.0.1 without auth, shared by the whole session."""
+    local = LocalRegistry(tmp_path_factory.mktemp("registry")).start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_ref(registry: LocalRegistry) -> str:
+    """A pushed, runnable busybox image: "127.0.0.1:PORT/test/busybox:1"."""
+    return busybox_image(registry)
+
+
+@pytest.fixture
+def image_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, Any]]]:
+    """Log entries of the image store and registry client during the test. The modules get
+    fresh loggers, so one cached by an earlier test's logging setup cannot hide entries."""
+    with capture_logs() as logs:
+        for module in (images_registry, images_store):
+            monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
+        yield logs

@@ -10,6 +10,7 @@ The hello on this channel uses PROTOCOL_DIGEST, so an agent from another build i
 from __future__ import annotations
 
 import hashlib
+import signal
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from pathlib import Path
@@ -108,6 +109,7 @@ class ContainerSpec(_Model):
     security: Security = Security()
     annotations: dict[str, str] = {}
     gpu: bool = False  # expose libvgpu as libcuda.so.1 and the zone's gpu-proxy channel
+    stop_signal: int = Field(default=signal.SIGTERM, ge=1, le=64)  # the image's StopSignal
 
 
 class ContainerState(StrEnum):
@@ -159,6 +161,9 @@ class ExecSync(_Model):
 
 
 class ExecResult(_Model):
+    # Output is arbitrary bytes: base64 in JSON (the default, UTF-8, refuses binary output).
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     stdout: bytes
     stderr: bytes
     exit_code: int

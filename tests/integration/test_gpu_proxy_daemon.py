@@ -1,48 +1,17 @@
 """The gpu-proxy daemon as a real process: start-up, a guest's calls, /healthz, a /metrics scrape
 that promtool accepts, and a clean SIGTERM shutdown that leaves no zone socket behind."""
 
-import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from idm.gen.codec import CALLS_BY_NAME
 from idm.links.local import LocalLink
 from idm.wire import MAX_PAYLOAD
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def start_proxy(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "gpu_proxy", "--backend", "sim",
-            "--socket-dir", str(tmp_path / "zones"), "--metrics-port", "0",
-            "--events-address", f"unix://{tmp_path / 'events.sock'}",
-            "--control-address", f"unix://{tmp_path / 'control.sock'}", *extra,
-        ],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "VGPU_PROXY_LOG_LEVEL": "info"},
-    )  # fmt: skip
-
-
-def wait_for_log(proc: subprocess.Popen[str], event: str, timeout: float = 30) -> dict[str, Any]:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        record: dict[str, Any] = json.loads(line)
-        if record.get("event") == event:
-            return record
-    raise AssertionError(f"gpu-proxy never logged {event!r} (exit {proc.poll()})")
+from tests.daemons import ROOT, start_proxy, wait_for_log
 
 
 def test_daemon_serves_a_zone_and_shuts_down_cleanly(tmp_path: Path) -> None:
