@@ -22,7 +22,7 @@ import structlog
 from pydantic import ValidationError
 
 from cri_runtime.config import DEFAULT_CONFIG, RuntimeConfig, load_config
-from gpu_proxy.telemetry.logging import configure_logging
+from vgpu_common.logs import configure_logging
 
 log = structlog.stdlib.get_logger("vgpu_runtime")
 

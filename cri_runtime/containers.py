@@ -8,6 +8,7 @@ a zone.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from cri_runtime.agent import protocol as p
@@ -60,6 +61,31 @@ def resolve_user(sc: api_pb2.LinuxContainerSecurityContext, image: ImageConfig) 
     if name.isdigit():
         return p.User(uid=int(name), gid=gid, supplemental_groups=groups)
     return p.User(username=name, gid=gid, supplemental_groups=groups)
+
+
+def parse_signal(name: str) -> int:
+    """A signal given as "SIGQUIT", "QUIT", "3" or CRI's "SIGRTMINPLUS2"/"SIGRTMAXMINUS1"."""
+    text = name.strip().upper()
+    if text.isdigit() and 1 <= int(text) <= signal.SIGRTMAX:
+        return int(text)
+    text = text if text.startswith("SIG") else f"SIG{text}"
+    for base, sign, rt in (
+        ("SIGRTMINPLUS", 1, signal.SIGRTMIN),
+        ("SIGRTMAXMINUS", -1, signal.SIGRTMAX),
+    ):
+        if text.startswith(base) and text[len(base) :].isdigit():
+            return int(rt) + sign * int(text[len(base) :])
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise InvalidArgument(f"unknown stop signal {name!r}") from None
+
+
+def resolve_stop_signal(config: api_pb2.ContainerConfig, image: ImageConfig) -> int:
+    """The pod's stopSignal, else the image's STOPSIGNAL, else SIGTERM."""
+    if config.stop_signal != api_pb2.RUNTIME_DEFAULT:
+        return parse_signal(api_pb2.Signal.Name(config.stop_signal))
+    return parse_signal(image.stop_signal) if image.stop_signal else int(signal.SIGTERM)
 
 
 def resolve_mounts(config: api_pb2.ContainerConfig) -> tuple[p.Mount, ...]:
@@ -116,6 +142,7 @@ def container_spec(
             readonly_paths=tuple(sc.readonly_paths) if sc.readonly_paths else None,
         ),
         annotations=dict(config.annotations),
+        stop_signal=resolve_stop_signal(config, image),
         gpu=gpu,
     )
 

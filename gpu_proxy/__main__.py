@@ -26,9 +26,9 @@ from gpu_proxy.control import ZoneControlService, serve_control
 from gpu_proxy.registry import ZoneRegistry
 from gpu_proxy.telemetry.events import EventBus, serve_events
 from gpu_proxy.telemetry.http import TelemetryServer
-from gpu_proxy.telemetry.logging import configure_logging
 from gpu_proxy.telemetry.metrics import ProxyCollector
 from gpu_proxy.telemetry.zone_stats import ZoneIdentity
+from vgpu_common.logs import configure_logging
 
 log = structlog.stdlib.get_logger("gpu_proxy")
 

@@ -6,17 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
+
+from vgpu_common.settings import TomlSettings, load_settings
 
 DEFAULT_CONFIG = Path("/etc/vgpu-isolated/gpu-proxy.toml")
 
 
-class ProxyConfig(BaseSettings):
+class ProxyConfig(TomlSettings):
     model_config = SettingsConfigDict(env_prefix="VGPU_PROXY_", extra="forbid")
 
     backend: Literal["auto", "cuda", "sim"] = Field(
@@ -43,28 +40,7 @@ class ProxyConfig(BaseSettings):
     log_json: bool = Field(True, description="JSON lines (services) or console (humans)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
 
 def load_config(path: Path | None, **overrides: Any) -> ProxyConfig:
-    """The configuration from ``path`` (must exist if given) or the default file if present;
-    ``overrides`` (command-line options) win over everything and are validated the same way."""
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    chosen = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-
-    class FromFile(ProxyConfig):
-        model_config = SettingsConfigDict(
-            env_prefix="VGPU_PROXY_", extra="forbid", toml_file=chosen
-        )
-
-    return FromFile(**overrides)
+    """The configuration from ``path`` or DEFAULT_CONFIG (see vgpu_common.settings)."""
+    return load_settings(ProxyConfig, path, DEFAULT_CONFIG, **overrides)

@@ -1,7 +1,7 @@
 """gpu-proxy telemetry: per-zone counters, the Prometheus collector and endpoint, logging."""
 
 from gpu_proxy.telemetry.http import TelemetryServer
-from gpu_proxy.telemetry.logging import bind_zone, configure_logging
+from gpu_proxy.telemetry.logging import bind_zone
 from gpu_proxy.telemetry.metrics import ProxyCollector, ZoneView
 from gpu_proxy.telemetry.zone_stats import (
     LATENCY_BUCKETS,
@@ -21,5 +21,4 @@ __all__ = [
     "ZoneStats",
     "ZoneView",
     "bind_zone",
-    "configure_logging",
 ]

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
-from cri_runtime.containers import container_spec, resolve_args, resolve_env, resolve_user
+from cri_runtime.containers import (
+    container_spec,
+    parse_signal,
+    resolve_args,
+    resolve_env,
+    resolve_stop_signal,
+    resolve_user,
+)
 from cri_runtime.cri.gen import api_pb2
 from cri_runtime.errors import InvalidArgument
 from cri_runtime.images.store import ImageConfig
@@ -84,3 +92,14 @@ def test_full_spec(tmp_path: Path) -> None:
     assert spec.security.readonly_rootfs and spec.security.capabilities_drop == ("ALL",)
     assert spec.security.masked_paths is None  # the agent's defaults apply
     assert spec.gpu and spec.annotations == {"k": "v"} and spec.rootfs_layers == (tmp_path,)
+
+
+def test_stop_signal_from_pod_then_image_then_default() -> None:
+    assert resolve_stop_signal(config(), ImageConfig()) == signal.SIGTERM
+    assert resolve_stop_signal(config(), ImageConfig(stop_signal="SIGQUIT")) == signal.SIGQUIT
+    assert resolve_stop_signal(config(stop_signal=api_pb2.SIGUSR1), IMAGE) == signal.SIGUSR1
+    assert parse_signal("quit") == parse_signal("3") == signal.SIGQUIT
+    assert parse_signal("SIGRTMINPLUS2") == signal.SIGRTMIN + 2
+    assert parse_signal("SIGRTMAXMINUS1") == signal.SIGRTMAX - 1
+    with pytest.raises(InvalidArgument, match="NOPE"):
+        parse_signal("NOPE")

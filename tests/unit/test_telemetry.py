@@ -30,9 +30,9 @@ from gpu_proxy.telemetry import (
     ZoneStats,
     ZoneView,
     bind_zone,
-    configure_logging,
 )
 from gpu_proxy.telemetry.zone_stats import ZoneStatsSnapshot
+from vgpu_common.logs import configure_logging
 
 # The `le` labels Prometheus must see, spelled out rather than derived from LATENCY_BUCKETS.
 EXPECTED_LE = (
