@@ -99,7 +99,7 @@ def pod_config(
         metadata=api_pb2.PodSandboxMetadata(
             name=name, namespace=namespace, uid=uid or f"uid-{name}", attempt=0
         ),
-        hostname=name,
+        hostname="" if host_network else name,  # the node's UTS namespace: no hostname
         log_directory=str(log_directory or ""),
         labels=labels or {},
         annotations=annotations or {},

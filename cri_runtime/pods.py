@@ -53,7 +53,9 @@ from cri_runtime.zones.base import (
 log = structlog.stdlib.get_logger(__name__)
 
 BOOT_TIMEOUT_ANNOTATION = "vgpu-isolated.io/zone-boot-timeout"
-ZONE_STOP_GRACE_S = 10.0
+# StopPodSandbox terminates forcibly: kubelet has already stopped each container with its own
+# grace period (StopContainer), as containerd assumes too.
+ZONE_STOP_GRACE_S = 0.0
 
 
 def new_id() -> str:
