@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the demo. Until gpu-proxy and vgpu-runtime land, the demo is the IDM channel:
-# a C client (the code libvgpu will link) talking to the Python host over LocalLink.
+# Set up, then run the demo (python -m devkit.demo; --help explains it): gpu-proxy and
+# vgpu-runtime on this machine, and a GPU pod through the CRI socket. Options go to the demo,
+# e.g. `bash scripts/demo.sh --keep` leaves everything running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m tests.bench.idm_channel --quick "$@"
+exec .venv/bin/python -m devkit.demo "$@"

@@ -7,9 +7,10 @@ from structlog.testing import capture_logs
 
 from cri_runtime.images import registry as images_registry
 from cri_runtime.images import store as images_store
+from devkit.busybox import push_busybox_image
+from devkit.registry import LocalRegistry
 from idm.channel import Channel, RingLayout, Side
 from tests.inprocess_link import InProcessRegion
-from tests.registry import LocalRegistry, busybox_image
 
 Pair = tuple[InProcessRegion, Channel, Channel]
 
@@ -33,7 +34,7 @@ def make_pair() -> Iterator[Callable[..., Pair]]:
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     """A docker-registry on 127.0.0.1 without auth, shared by the whole session."""
     local = LocalRegistry(tmp_path_factory.mktemp("registry")).start()
     yield local
@@ -41,9 +42,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry
 
 
 @pytest.fixture(scope="session")
-def busybox_ref(registry: LocalRegistry) -> str:
+def busybox_ref(oci_registry: LocalRegistry) -> str:
     """A pushed, runnable busybox image: "127.0.0.1:PORT/test/busybox:1"."""
-    return busybox_image(registry)
+    return push_busybox_image(oci_registry, "test/busybox", "1")
 
 
 @pytest.fixture

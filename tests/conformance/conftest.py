@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from cri_runtime.client import CriClient
 from cri_runtime.cri.gen import api_pb2
-from tests.daemons import RuntimeDaemon, start_proxy, stop, wait_for_log
+from devkit.daemons import GpuProxyDaemon, RuntimeDaemon
 
 
 def short_dir(prefix: str) -> Path:
@@ -26,17 +25,14 @@ def short_dir(prefix: str) -> Path:
 
 @pytest.fixture(scope="session")
 def gpu_proxy() -> Iterator[str]:
-    base = short_dir("vgp")
-    proc = start_proxy(base)
+    proxy = GpuProxyDaemon(short_dir("vgp"))
     try:
-        wait_for_log(proc, "gpu-proxy serving")
-        assert proc.stderr is not None
-        drain = threading.Thread(target=proc.stderr.read, daemon=True)
-        drain.start()
-        yield f"unix://{base / 'control.sock'}"
+        proxy.start()
+        yield proxy.control_address
     finally:
-        stop(proc)
-        shutil.rmtree(base, ignore_errors=True)
+        if proxy.proc is not None:
+            proxy.stop()
+        shutil.rmtree(proxy.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

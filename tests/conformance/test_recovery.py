@@ -17,8 +17,8 @@ import pytest
 
 from cri_runtime.client import CriClient, container_config, pod_config
 from cri_runtime.cri.gen import api_pb2
+from devkit.daemons import RuntimeDaemon
 from tests.conformance.conftest import short_dir
-from tests.daemons import RuntimeDaemon
 
 
 @pytest.fixture

@@ -2,28 +2,27 @@
 that promtool accepts, and a clean SIGTERM shutdown that leaves no zone socket behind."""
 
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+from devkit.daemons import ROOT, GpuProxyDaemon
 from idm.gen.codec import CALLS_BY_NAME
 from idm.links.local import LocalLink
 from idm.wire import MAX_PAYLOAD
-from tests.daemons import ROOT, start_proxy, wait_for_log
 
 
 def test_daemon_serves_a_zone_and_shuts_down_cleanly(tmp_path: Path) -> None:
-    proc = start_proxy(tmp_path, "--zone", "demo=67108864")
+    proxy = GpuProxyDaemon(tmp_path, extra=("--zone", "demo=67108864"))
     try:
-        serving = wait_for_log(proc, "gpu-proxy serving")
-        assert "vgpu sim" in serving["device"]
-        metrics_url = serving["metrics"].replace("0.0.0.0", "127.0.0.1")
-        wait_for_log(proc, "static zone")
+        proxy.start()
+        assert "vgpu sim" in proxy.serving["device"]
+        metrics_url = proxy.metrics_url
+        proxy.wait_for_log("static zone")
         with urllib.request.urlopen(metrics_url.replace("/metrics", "/healthz")) as health:
             assert health.status == 200
-        channel = LocalLink.connect(tmp_path / "zones" / "demo.sock").open_channel()
+        channel = LocalLink.connect(proxy.socket_dir / "demo.sock").open_channel()
         channel.hello_client(MAX_PAYLOAD)
         alloc = CALLS_BY_NAME["cuMemAlloc_v2"]
         channel.send(alloc.opcode, alloc.encode_request(1 << 20), seq=1)
@@ -39,13 +38,12 @@ def test_daemon_serves_a_zone_and_shuts_down_cleanly(tmp_path: Path) -> None:
         )
         assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
         channel.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert not (tmp_path / "zones" / "demo.sock").exists()
+        assert proxy.stop() == 0
+        assert not (proxy.socket_dir / "demo.sock").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proxy.proc is not None and proxy.proc.poll() is None:
+            proxy.proc.kill()
+            proxy.proc.wait()
 
 
 def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:

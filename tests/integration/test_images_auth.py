@@ -10,14 +10,29 @@ import pytest
 
 from cri_runtime.images.errors import AuthenticationFailed
 from cri_runtime.images.store import ImageStore, RegistryAuth
-from tests.registry import LocalRegistry, push_image
+from devkit.images import push_image
+from devkit.registry import LocalRegistry
+from tests.registry import TokenServer, htpasswd_auth
 
 USERS = {"alice": "wonderland"}
 
 
 @pytest.fixture(scope="module")
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
-    local = LocalRegistry(tmp_path_factory.mktemp("token-registry"), users=USERS).start()
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    server = TokenServer(tmp_path_factory.mktemp("token-server"), USERS)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer
+) -> Iterator[LocalRegistry]:
+    local = LocalRegistry(
+        tmp_path_factory.mktemp("token-registry"),
+        auth=token_server.registry_auth(),
+        credentials=("alice", USERS["alice"]),
+    ).start()
     push_image(local, "private/app", "1", [{"secret": b"token protected"}])
     yield local
     local.stop()
@@ -25,8 +40,9 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRe
 
 @pytest.fixture(scope="module")
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    workdir = tmp_path_factory.mktemp("basic-registry")
     local = LocalRegistry(
-        tmp_path_factory.mktemp("basic-registry"), users=USERS, token_auth=False
+        workdir, auth=htpasswd_auth(workdir, USERS), credentials=("alice", USERS["alice"])
     ).start()
     push_image(local, "private/app", "1", [{"secret": b"basic protected"}])
     yield local
@@ -39,17 +55,16 @@ def store(tmp_path: Path) -> ImageStore:
 
 
 def test_bearer_token_with_good_credentials(
-    store: ImageStore, token_registry: LocalRegistry
+    store: ImageStore, token_registry: LocalRegistry, token_server: TokenServer
 ) -> None:
-    assert token_registry.token_server is not None
-    token_registry.token_server.requests.clear()
+    token_server.requests.clear()
     image = store.pull(
         f"{token_registry.host}/private/app:1",
         RegistryAuth(username="alice", password="wonderland"),
     )
     assert (store.layer_dirs(image)[0] / "secret").read_bytes() == b"token protected"
     # One token for the repository, reused for the manifest, config and layer requests.
-    assert token_registry.token_server.requests == [("alice", "repository:private/app:pull")]
+    assert token_server.requests == [("alice", "repository:private/app:pull")]
 
 
 @pytest.mark.parametrize(
@@ -62,11 +77,13 @@ def test_bearer_token_with_good_credentials(
     ids=["auth-blob", "identity-token", "registry-token"],
 )
 def test_other_credential_forms(
-    store: ImageStore, token_registry: LocalRegistry, auth: RegistryAuth | None
+    store: ImageStore,
+    token_registry: LocalRegistry,
+    token_server: TokenServer,
+    auth: RegistryAuth | None,
 ) -> None:
-    assert token_registry.token_server is not None
     if auth is None:
-        token = token_registry.token_server.sign("alice", "repository:private/app:pull")
+        token = token_server.sign("alice", "repository:private/app:pull")
         auth = RegistryAuth(registry_token=token)
     image = store.pull(f"{token_registry.host}/private/app:1", auth)
     assert image.repo_tags == [f"{token_registry.host}/private/app:1"]

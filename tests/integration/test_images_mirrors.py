@@ -12,7 +12,9 @@ import pytest
 from cri_runtime.images.errors import ImageNotFound, RegistryUnavailable
 from cri_runtime.images.hosts import RegistryHosts
 from cri_runtime.images.store import ImageStore
-from tests.registry import LocalRegistry, push_image, refused_host
+from devkit.images import push_image
+from devkit.registry import LocalRegistry
+from tests.registry import refused_host
 
 Logs = list[MutableMapping[str, Any]]
 
@@ -33,15 +35,15 @@ def failures(logs: Logs) -> list[tuple[str, str]]:
 
 
 def test_loopback_mirror_in_front_of_an_unreachable_upstream(
-    tmp_path: Path, registry: LocalRegistry, image_logs: Logs
+    tmp_path: Path, oci_registry: LocalRegistry, image_logs: Logs
 ) -> None:
-    digest = push_image(registry, "mirrors/app", "1", [{"f": b"from the mirror"}])
+    digest = push_image(oci_registry, "mirrors/app", "1", [{"f": b"from the mirror"}])
     with refused_host() as upstream:
         store = store_with_hosts(
             tmp_path,
             upstream,
             f'server = "https://{upstream}"\n'
-            f'[host."http://{registry.host}"]\n  capabilities = ["pull", "resolve"]\n',
+            f'[host."http://{oci_registry.host}"]\n  capabilities = ["pull", "resolve"]\n',
         )
         image = store.pull(f"{upstream}/mirrors/app:1")
     assert image.repo_tags == [f"{upstream}/mirrors/app:1"]  # named as asked, not as mirrored
@@ -51,29 +53,31 @@ def test_loopback_mirror_in_front_of_an_unreachable_upstream(
 
 
 def test_failed_mirror_falls_back_to_the_server(
-    tmp_path: Path, registry: LocalRegistry, image_logs: Logs
+    tmp_path: Path, oci_registry: LocalRegistry, image_logs: Logs
 ) -> None:
-    push_image(registry, "mirrors/fallback", "1", [{"f": b"from upstream"}])
+    push_image(oci_registry, "mirrors/fallback", "1", [{"f": b"from upstream"}])
     with refused_host() as dead_mirror:
         store = store_with_hosts(
             tmp_path,
-            registry.host,
+            oci_registry.host,
             f'[host."http://{dead_mirror}"]\n  capabilities = ["pull", "resolve"]\n',
         )
-        image = store.pull(f"{registry.host}/mirrors/fallback:1")
+        image = store.pull(f"{oci_registry.host}/mirrors/fallback:1")
     assert (store.layer_dirs(image)[0] / "f").read_bytes() == b"from upstream"
     # Logged once: an endpoint that did not answer is skipped for the rest of the pull.
     assert failures(image_logs) == [(f"http://{dead_mirror}/v2", "RegistryUnavailable")]
 
 
 def test_mirror_without_the_image_falls_back(
-    tmp_path: Path, registry: LocalRegistry, image_logs: Logs
+    tmp_path: Path, oci_registry: LocalRegistry, image_logs: Logs
 ) -> None:
-    push_image(registry, "mirrors/not-mirrored", "1", [{"f": b"only upstream"}])
+    push_image(oci_registry, "mirrors/not-mirrored", "1", [{"f": b"only upstream"}])
     empty_mirror = LocalRegistry(tmp_path / "mirror").start()
     try:
-        store = store_with_hosts(tmp_path, registry.host, f'[host."http://{empty_mirror.host}"]\n')
-        image = store.pull(f"{registry.host}/mirrors/not-mirrored:1")
+        store = store_with_hosts(
+            tmp_path, oci_registry.host, f'[host."http://{empty_mirror.host}"]\n'
+        )
+        image = store.pull(f"{oci_registry.host}/mirrors/not-mirrored:1")
     finally:
         empty_mirror.stop()
     assert (store.layer_dirs(image)[0] / "f").read_bytes() == b"only upstream"
@@ -82,15 +86,15 @@ def test_mirror_without_the_image_falls_back(
 
 
 def test_pull_only_mirror_serves_digests_but_not_tags(
-    tmp_path: Path, registry: LocalRegistry, image_logs: Logs
+    tmp_path: Path, oci_registry: LocalRegistry, image_logs: Logs
 ) -> None:
-    digest = push_image(registry, "mirrors/pull-only", "1", [{"f": b"pinned"}])
+    digest = push_image(oci_registry, "mirrors/pull-only", "1", [{"f": b"pinned"}])
     with refused_host() as upstream:
         store = store_with_hosts(
             tmp_path,
             upstream,
             f'server = "http://{upstream}"\n'
-            f'[host."http://{registry.host}"]\n  capabilities = ["pull"]\n',
+            f'[host."http://{oci_registry.host}"]\n  capabilities = ["pull"]\n',
         )
         with pytest.raises(RegistryUnavailable, match=f"cannot reach {upstream}"):
             store.pull(f"{upstream}/mirrors/pull-only:1")  # tags resolve at the server only
@@ -113,10 +117,10 @@ def test_every_endpoint_failing_names_each(tmp_path: Path, image_logs: Logs) -> 
 
 
 def test_not_found_everywhere_is_image_not_found(
-    tmp_path: Path, registry: LocalRegistry, image_logs: Logs
+    tmp_path: Path, oci_registry: LocalRegistry, image_logs: Logs
 ) -> None:
     with refused_host() as mirror:
-        store = store_with_hosts(tmp_path, registry.host, f'[host."http://{mirror}"]\n')
-        with pytest.raises(ImageNotFound, match=f"registry {registry.host}"):
-            store.pull(f"{registry.host}/mirrors/nowhere:1")
+        store = store_with_hosts(tmp_path, oci_registry.host, f'[host."http://{mirror}"]\n')
+        with pytest.raises(ImageNotFound, match=f"registry {oci_registry.host}"):
+            store.pull(f"{oci_registry.host}/mirrors/nowhere:1")
     assert [error for _, error in failures(image_logs)] == ["RegistryUnavailable", "ImageNotFound"]

@@ -17,16 +17,10 @@ from cri_runtime.images.errors import (
 )
 from cri_runtime.images.store import ImageConfig, ImageStore
 from cri_runtime.images.unpack import disk_usage
-from tests.registry import (
-    PASSWD,
-    LocalRegistry,
-    push_image,
-    push_image_manifest,
-    push_index,
-    refused_host,
-    sha256,
-    tar_layer,
-)
+from devkit.busybox import PASSWD
+from devkit.images import push_image, push_image_manifest, push_index, sha256, tar_layer
+from devkit.registry import LocalRegistry
+from tests.registry import refused_host
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def private_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
 def test_busybox_image_runs(store: ImageStore, busybox_ref: str) -> None:
     image = store.pull(busybox_ref)
     [layer] = store.layer_dirs(image)
-    assert (layer / "etc/passwd").read_bytes() == PASSWD
+    assert (layer / "etc/passwd").read_text() == PASSWD
     result = subprocess.run(
         ["chroot", str(layer), "/bin/sh", "-c", "echo hello; id -u nobody; printenv PATH"],
         capture_output=True,
@@ -57,9 +51,9 @@ def test_busybox_image_runs(store: ImageStore, busybox_ref: str) -> None:
     assert image.config.cmd == ("sh",)
 
 
-def test_pull_by_tag(store: ImageStore, registry: LocalRegistry) -> None:
+def test_pull_by_tag(store: ImageStore, oci_registry: LocalRegistry) -> None:
     pushed = push_image_manifest(
-        registry,
+        oci_registry,
         "pull/by-tag",
         "v1",
         [{"etc/os-release": b"ID=test\n"}, {"app/run": b"#!/bin/sh\n"}],
@@ -73,11 +67,11 @@ def test_pull_by_tag(store: ImageStore, registry: LocalRegistry) -> None:
             "StopSignal": "SIGINT",
         },
     )
-    ref = f"{registry.host}/pull/by-tag:v1"
+    ref = f"{oci_registry.host}/pull/by-tag:v1"
     image = store.pull(ref)
     assert image.id == pushed.config_digest
     assert image.repo_tags == [ref]
-    assert image.repo_digests == [f"{registry.host}/pull/by-tag@{pushed.digest}"]
+    assert image.repo_digests == [f"{oci_registry.host}/pull/by-tag@{pushed.digest}"]
     assert image.layers == list(pushed.diff_ids)
     assert image.config == ImageConfig(
         entrypoint=("/app/run",),
@@ -111,33 +105,33 @@ def test_pull_by_digest_then_offline(tmp_path: Path, private_registry: LocalRegi
 
 @pytest.mark.parametrize("oci", [True, False], ids=["oci-index", "docker-manifest-list"])
 def test_index_resolves_to_linux_amd64(
-    store: ImageStore, registry: LocalRegistry, oci: bool
+    store: ImageStore, oci_registry: LocalRegistry, oci: bool
 ) -> None:
     repo = f"pull/multiarch-{'oci' if oci else 'docker'}"
     arm = push_image_manifest(
-        registry, repo, None, [{"arch": b"arm64"}], architecture="arm64", oci=oci
+        oci_registry, repo, None, [{"arch": b"arm64"}], architecture="arm64", oci=oci
     )
-    amd = push_image_manifest(registry, repo, None, [{"arch": b"amd64"}], oci=oci)
+    amd = push_image_manifest(oci_registry, repo, None, [{"arch": b"amd64"}], oci=oci)
     index_digest = push_index(
-        registry, repo, "1", [(arm, "linux/arm64"), (amd, "linux/amd64")], oci=oci
+        oci_registry, repo, "1", [(arm, "linux/arm64"), (amd, "linux/amd64")], oci=oci
     )
-    image = store.pull(f"{registry.host}/{repo}:1")
+    image = store.pull(f"{oci_registry.host}/{repo}:1")
     assert image.id == amd.config_digest
-    assert image.repo_digests == [f"{registry.host}/{repo}@{index_digest}"]
+    assert image.repo_digests == [f"{oci_registry.host}/{repo}@{index_digest}"]
     [layer] = store.layer_dirs(image)
     assert (layer / "arch").read_bytes() == b"amd64"
 
 
-def test_index_without_amd64_is_corrupt(store: ImageStore, registry: LocalRegistry) -> None:
+def test_index_without_amd64_is_corrupt(store: ImageStore, oci_registry: LocalRegistry) -> None:
     arm = push_image_manifest(
-        registry, "pull/arm-only", None, [{"a": b"arm"}], architecture="arm64"
+        oci_registry, "pull/arm-only", None, [{"a": b"arm"}], architecture="arm64"
     )
-    push_index(registry, "pull/arm-only", "1", [(arm, "linux/arm64")])
+    push_index(oci_registry, "pull/arm-only", "1", [(arm, "linux/arm64")])
     with pytest.raises(CorruptImage, match=r"no linux/amd64 image.*linux/arm64"):
-        store.pull(f"{registry.host}/pull/arm-only:1")
-    push_image(registry, "pull/arm-only", "single", [{"a": b"arm"}], architecture="arm64")
+        store.pull(f"{oci_registry.host}/pull/arm-only:1")
+    push_image(oci_registry, "pull/arm-only", "single", [{"a": b"arm"}], architecture="arm64")
     with pytest.raises(CorruptImage, match="linux/arm64 image, not linux/amd64"):
-        store.pull(f"{registry.host}/pull/arm-only:single")
+        store.pull(f"{oci_registry.host}/pull/arm-only:single")
     assert store.list() == []
 
 
@@ -146,21 +140,21 @@ def test_index_without_amd64_is_corrupt(store: ImageStore, registry: LocalRegist
     [("gzip", False), ("gzip", True), ("zstd", True), ("none", True)],
 )
 def test_layer_formats(
-    store: ImageStore, registry: LocalRegistry, compression: str, oci: bool
+    store: ImageStore, oci_registry: LocalRegistry, compression: str, oci: bool
 ) -> None:
     tar = tar_layer({"data/file": f"{compression} {oci}".encode()})
     repo = f"pull/format-{compression}-{'oci' if oci else 'docker'}"
-    push_image(registry, repo, "1", [tar], compression=compression, oci=oci)
-    image = store.pull(f"{registry.host}/{repo}:1")
+    push_image(oci_registry, repo, "1", [tar], compression=compression, oci=oci)
+    image = store.pull(f"{oci_registry.host}/{repo}:1")
     assert image.layers == [sha256(tar)]
     [layer] = store.layer_dirs(image)
     assert (layer / "data/file").read_bytes() == f"{compression} {oci}".encode()
 
 
-def test_moved_tag_is_retagged(store: ImageStore, registry: LocalRegistry) -> None:
-    ref = f"{registry.host}/pull/moving:latest"
-    first = store.pull(push_ref(registry, "pull/moving", b"first"))
-    second = store.pull(push_ref(registry, "pull/moving", b"second"))
+def test_moved_tag_is_retagged(store: ImageStore, oci_registry: LocalRegistry) -> None:
+    ref = f"{oci_registry.host}/pull/moving:latest"
+    first = store.pull(push_ref(oci_registry, "pull/moving", b"first"))
+    second = store.pull(push_ref(oci_registry, "pull/moving", b"second"))
     assert first.id != second.id
     assert second.repo_tags == [ref]
     old = store.resolve(first.id)
@@ -173,12 +167,12 @@ def push_ref(registry: LocalRegistry, repo: str, content: bytes) -> str:
     return f"{registry.host}/{repo}"
 
 
-def test_resolve_by_every_name(store: ImageStore, registry: LocalRegistry) -> None:
-    image = store.pull(push_ref(registry, "pull/names", b"names"))
+def test_resolve_by_every_name(store: ImageStore, oci_registry: LocalRegistry) -> None:
+    image = store.pull(push_ref(oci_registry, "pull/names", b"names"))
     hex_id = image.id.removeprefix("sha256:")
     for name in [
-        f"{registry.host}/pull/names",
-        f"{registry.host}/pull/names:latest",
+        f"{oci_registry.host}/pull/names",
+        f"{oci_registry.host}/pull/names:latest",
         image.repo_digests[0],
         image.id,
         hex_id,
@@ -186,17 +180,17 @@ def test_resolve_by_every_name(store: ImageStore, registry: LocalRegistry) -> No
     ]:
         assert store.resolve(name) == image, name
     assert store.resolve(hex_id[:11]) is None  # too short for an id: a docker.io name
-    assert store.resolve(f"{registry.host}/pull/names:other") is None
+    assert store.resolve(f"{oci_registry.host}/pull/names:other") is None
     with pytest.raises(InvalidReference):
         store.resolve("lower/Upper")
 
 
-def test_missing_tag_and_repository(store: ImageStore, registry: LocalRegistry) -> None:
-    push_image(registry, "pull/exists", "1", [{"f": b"exists"}])
-    for ref in [f"{registry.host}/pull/exists:2", f"{registry.host}/pull/never-pushed:1"]:
+def test_missing_tag_and_repository(store: ImageStore, oci_registry: LocalRegistry) -> None:
+    push_image(oci_registry, "pull/exists", "1", [{"f": b"exists"}])
+    for ref in [f"{oci_registry.host}/pull/exists:2", f"{oci_registry.host}/pull/never-pushed:1"]:
         with pytest.raises(ImageNotFound) as info:
             store.pull(ref)
-        assert ref in str(info.value) and f"registry {registry.host}" in str(info.value)
+        assert ref in str(info.value) and f"registry {oci_registry.host}" in str(info.value)
     assert store.list() == []
 
 
@@ -240,12 +234,12 @@ def flip_a_byte(path: Path) -> None:
 
 
 def test_repeated_layer_is_stacked_once_at_its_top(
-    store: ImageStore, registry: LocalRegistry
+    store: ImageStore, oci_registry: LocalRegistry
 ) -> None:
     twice = tar_layer({"etc/config": b"from the repeated layer"})
     between = tar_layer({"etc/config": b"overwritten", "etc/extra": b"extra"})
-    push_image(registry, "pull/repeated", "1", [twice, between, twice])
-    image = store.pull(f"{registry.host}/pull/repeated:1")
+    push_image(oci_registry, "pull/repeated", "1", [twice, between, twice])
+    image = store.pull(f"{oci_registry.host}/pull/repeated:1")
     assert image.layers == [sha256(twice), sha256(between), sha256(twice)]
     dirs = store.layer_dirs(image)
     assert [path.name for path in dirs] == [sha256(between)[7:], sha256(twice)[7:]]

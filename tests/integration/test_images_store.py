@@ -15,7 +15,8 @@ import pytest
 from cri_runtime.images.errors import ImageNotFound
 from cri_runtime.images.store import Image, ImageStore
 from cri_runtime.images.unpack import disk_usage
-from tests.registry import LocalRegistry, PushedManifest, push_image, push_image_manifest
+from devkit.images import PushedManifest, push_image, push_image_manifest
+from devkit.registry import LocalRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,10 +43,12 @@ def hexes(*diff_ids: str) -> set[str]:
     return {diff_id.removeprefix("sha256:") for diff_id in diff_ids}
 
 
-def test_shared_layers_go_with_the_last_image(store: ImageStore, registry: LocalRegistry) -> None:
-    first, second = push_pair(registry, "store/shared")
-    image_a = store.pull(f"{registry.host}/store/shared:a")
-    image_b = store.pull(f"{registry.host}/store/shared:b")
+def test_shared_layers_go_with_the_last_image(
+    store: ImageStore, oci_registry: LocalRegistry
+) -> None:
+    first, second = push_pair(oci_registry, "store/shared")
+    image_a = store.pull(f"{oci_registry.host}/store/shared:a")
+    image_b = store.pull(f"{oci_registry.host}/store/shared:b")
     base, only_a, only_b = first.diff_ids[0], first.diff_ids[1], second.diff_ids[1]
     assert store.layer_dirs(image_a)[0] == store.layer_dirs(image_b)[0]
     assert layer_names(store) == hexes(base, only_a, only_b)
@@ -57,10 +60,10 @@ def test_shared_layers_go_with_the_last_image(store: ImageStore, registry: Local
 
     store.remove(image_a.id)
     assert layer_names(store) == hexes(base, only_b)
-    assert store.resolve(f"{registry.host}/store/shared:a") is None
+    assert store.resolve(f"{oci_registry.host}/store/shared:a") is None
     assert (store.layer_dirs(image_b)[0] / "base/lib").exists()
 
-    store.remove(f"{registry.host}/store/shared:b")
+    store.remove(f"{oci_registry.host}/store/shared:b")
     assert layer_names(store) == set()
     assert store.list() == []
     assert store.fs_usage().used_bytes == 0
@@ -68,15 +71,15 @@ def test_shared_layers_go_with_the_last_image(store: ImageStore, registry: Local
 
 
 def test_removal_by_name_keeps_the_image_while_a_tag_names_it(
-    store: ImageStore, registry: LocalRegistry
+    store: ImageStore, oci_registry: LocalRegistry
 ) -> None:
-    digest = push_image(registry, "store/names", "one", [{"f": b"names"}])
-    push_image(registry, "store/names", "two", [{"f": b"names"}])
-    one, two = f"{registry.host}/store/names:one", f"{registry.host}/store/names:two"
+    digest = push_image(oci_registry, "store/names", "one", [{"f": b"names"}])
+    push_image(oci_registry, "store/names", "two", [{"f": b"names"}])
+    one, two = f"{oci_registry.host}/store/names:one", f"{oci_registry.host}/store/names:two"
     store.pull(one)
     image = store.pull(two)
     assert image.repo_tags == [one, two]
-    assert image.repo_digests == [f"{registry.host}/store/names@{digest}"]
+    assert image.repo_digests == [f"{oci_registry.host}/store/names@{digest}"]
     store.remove(one)
     kept = store.resolve(two)
     assert kept is not None and kept.repo_tags == [two]
@@ -84,16 +87,16 @@ def test_removal_by_name_keeps_the_image_while_a_tag_names_it(
     store.remove(two)  # the last tag: the image goes, repo digest and layers with it
     assert store.list() == [] and layer_names(store) == set()
 
-    by_digest = store.pull(f"{registry.host}/store/names@{digest}")
-    store.remove(f"{registry.host}/store/names@{digest}")
+    by_digest = store.pull(f"{oci_registry.host}/store/names@{digest}")
+    store.remove(f"{oci_registry.host}/store/names@{digest}")
     assert store.resolve(by_digest.id) is None
 
 
 def test_holds_keep_layers_across_removal_and_restart(
-    tmp_path: Path, store: ImageStore, registry: LocalRegistry
+    tmp_path: Path, store: ImageStore, oci_registry: LocalRegistry
 ) -> None:
-    first, _ = push_pair(registry, "store/held")
-    image = store.pull(f"{registry.host}/store/held:a")
+    first, _ = push_pair(oci_registry, "store/held")
+    image = store.pull(f"{oci_registry.host}/store/held:a")
     store.hold(image.id, "container-1")
     store.hold(image.id[7:19], "container-2")  # by id prefix
     store.remove(image.id)
@@ -112,12 +115,12 @@ def test_holds_keep_layers_across_removal_and_restart(
         reopened.hold(image.id, "container-3")
 
 
-def test_held_layers_shared_with_a_new_pull(store: ImageStore, registry: LocalRegistry) -> None:
-    push_pair(registry, "store/held-shared")
-    image_a = store.pull(f"{registry.host}/store/held-shared:a")
+def test_held_layers_shared_with_a_new_pull(store: ImageStore, oci_registry: LocalRegistry) -> None:
+    push_pair(oci_registry, "store/held-shared")
+    image_a = store.pull(f"{oci_registry.host}/store/held-shared:a")
     store.hold(image_a.id, "c1")
     store.remove(image_a.id)
-    image_b = store.pull(f"{registry.host}/store/held-shared:b")
+    image_b = store.pull(f"{oci_registry.host}/store/held-shared:b")
     store.release("c1")
     assert layer_names(store) == hexes(*image_b.layers)
     assert all(path.is_dir() for path in store.layer_dirs(image_b))
@@ -150,11 +153,11 @@ store.ImageStore(root).pull(ref)
     ],
 )
 def test_kill_9_mid_pull_leaves_a_consistent_store(
-    store: ImageStore, registry: LocalRegistry, step: str, nth: int, leftover: str
+    store: ImageStore, oci_registry: LocalRegistry, step: str, nth: int, leftover: str
 ) -> None:
-    push_pair(registry, "store/killed")
-    kept = store.pull(f"{registry.host}/store/killed:a")
-    ref = f"{registry.host}/store/killed:b"
+    push_pair(oci_registry, "store/killed")
+    kept = store.pull(f"{oci_registry.host}/store/killed:a")
+    ref = f"{oci_registry.host}/store/killed:b"
     child = subprocess.run(
         [sys.executable, "-c", KILLER, str(store.root), ref, step, str(nth)],
         cwd=ROOT,
@@ -177,27 +180,27 @@ def test_kill_9_mid_pull_leaves_a_consistent_store(
 
 
 def test_concurrent_pulls_download_each_layer_once(
-    store: ImageStore, registry: LocalRegistry
+    store: ImageStore, oci_registry: LocalRegistry
 ) -> None:
-    first, second = push_pair(registry, "store/concurrent")
-    refs = [f"{registry.host}/store/concurrent:{tag}" for tag in "ab"] * 8
+    first, second = push_pair(oci_registry, "store/concurrent")
+    refs = [f"{oci_registry.host}/store/concurrent:{tag}" for tag in "ab"] * 8
     with ThreadPoolExecutor(len(refs)) as pool:
         images: list[Image] = list(pool.map(store.pull, refs))
     assert {image.id for image in images} == {first.config_digest, second.config_digest}
     for digest in {*first.layer_digests, *second.layer_digests}:
-        assert registry.blob_downloads(digest) == 1, digest
+        assert oci_registry.blob_downloads(digest) == 1, digest
     assert layer_names(store) == hexes(*first.diff_ids, *second.diff_ids)
     assert list((store.root / "tmp").iterdir()) == []
     assert sorted(tag for image in store.list() for tag in image.repo_tags) == sorted(set(refs))
 
 
 def test_concurrent_pulls_and_removals_keep_the_index_true(
-    store: ImageStore, registry: LocalRegistry
+    store: ImageStore, oci_registry: LocalRegistry
 ) -> None:
     """Removing one image while another sharing its base layer is being pulled must not delete
     the layer under the pull (pulls pin their layers until they commit)."""
-    push_pair(registry, "store/racing")
-    ref_a, ref_b = (f"{registry.host}/store/racing:{tag}" for tag in "ab")
+    push_pair(oci_registry, "store/racing")
+    ref_a, ref_b = (f"{oci_registry.host}/store/racing:{tag}" for tag in "ab")
 
     def churn(round_: int) -> None:
         if round_ % 2:

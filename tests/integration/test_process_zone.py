@@ -24,7 +24,7 @@ from cri_runtime.agent.client import AgentClient, AgentError
 from cri_runtime.agent.protocol import AgentStatus, ContainerState
 from cri_runtime.zones.base import GpuAccess, NetworkMode, ZoneError, ZoneSpec, ZoneState
 from cri_runtime.zones.process import ProcessZoneBackend
-from tests.rootfs import busybox_layer
+from devkit.busybox import write_busybox_rootfs
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("runc") or shutil.which("crun")),
@@ -98,7 +98,7 @@ def output(path: Path, stream: str = "stdout") -> str:
 
 @pytest.fixture
 def layer(tmp_path: Path) -> Path:
-    return busybox_layer(tmp_path / "layer")
+    return write_busybox_rootfs(tmp_path / "layer")
 
 
 @pytest.fixture

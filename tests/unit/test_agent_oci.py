@@ -9,7 +9,7 @@ import pytest
 
 from cri_runtime.agent import oci
 from cri_runtime.agent.protocol import ContainerSpec, Mount, Resources, Security, User
-from tests.rootfs import GROUP, PASSWD
+from devkit.busybox import GROUP, PASSWD
 
 ALL_CAPS = (1 << len(oci.CAPABILITIES)) - 1
 ROOT = oci.ResolvedUser(0, 0, (0,))
