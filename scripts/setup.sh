@@ -30,4 +30,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-.venv/bin/python -m idm.build
+.venv/bin/python -m idm.build && .venv/bin/python -m libvgpu.build

@@ -1,0 +1,401 @@
+/*
+ * The process's channel to gpu-proxy: a LocalLink to the zone socket named by VGPU_PROXY_SOCKET
+ * (default /run/vgpu/proxy.sock), opened by cuInit (or lazily by the child of a fork), hello'd
+ * with the call table's digest, then used for every forwarded call.
+ *
+ * One call is in flight at a time: the channel lock is held from a request's first byte to its
+ * reply's last, so replies always answer the request just sent (checked by seq and opcode).
+ * Fire-and-forget calls hold it only while their request enters the ring.
+ *
+ * A channel that fails (gpu-proxy closed it, broke the ring protocol, or its process died) is
+ * lost for good: its handles lived in gpu-proxy, so every later call fails with
+ * CUDA_ERROR_DEVICE_UNAVAILABLE, as a real driver reports a GPU that fell off the bus. A
+ * watchdog thread notices a dead gpu-proxy (its socket hangs up) and closes our endpoint, which
+ * wakes any thread waiting in the ring.
+ */
+#include "vgpu.h"
+
+#include "idm.h"
+#include "vgpu_calls.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define DEFAULT_SOCKET "/run/vgpu/proxy.sock"
+/* 512 KiB per direction, the library default: large messages stream through it. */
+#define RING_ORDER 19
+/* The hello itself must not hang on a proxy that accepted the socket but does not answer. */
+#define HELLO_TIMEOUT_MS 30000
+
+enum channel_state { CH_NONE, CH_UP, CH_LOST };
+
+static struct {
+    pthread_mutex_t lock;
+    enum channel_state state;
+    struct idm_local_link link;
+    uint64_t seq;
+    int host_gone; /* set by the watchdog: gpu-proxy's socket hung up */
+} chan = {.lock = PTHREAD_MUTEX_INITIALIZER, .state = CH_NONE};
+
+void vgpu_log(const char *fmt, ...)
+{
+    static const char prefix[] = "libvgpu: ";
+    char line[512];
+    size_t len = sizeof(prefix) - 1;
+    va_list ap;
+    int n;
+
+    memcpy(line, prefix, len);
+    va_start(ap, fmt);
+    n = vsnprintf(line + len, sizeof(line) - len - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    len += (size_t)n < sizeof(line) - len - 1 ? (size_t)n : sizeof(line) - len - 2;
+    line[len++] = '\n';
+    /* One write: lines from several threads or processes do not interleave. */
+    (void)!write(STDERR_FILENO, line, len);
+}
+
+static const char *socket_path(void)
+{
+    const char *path = getenv("VGPU_PROXY_SOCKET");
+    return path && *path ? path : DEFAULT_SOCKET;
+}
+
+/* Blocks until gpu-proxy's end of the socket hangs up, then closes our endpoint so that every
+ * thread waiting in the ring wakes with -EPIPE instead of waiting for a reply that cannot come. */
+static void *watchdog(void *arg)
+{
+    struct idm_local_link *link = arg;
+    struct pollfd p = {.fd = link->sock, .events = POLLRDHUP};
+    char byte;
+
+    for (;;) {
+        if (poll(&p, 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        /* gpu-proxy never writes to the socket after accepting the ring: any event is its end. */
+        if (recv(link->sock, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
+            (errno == EAGAIN || errno == EINTR))
+            continue;
+        break;
+    }
+    __atomic_store_n(&chan.host_gone, 1, __ATOMIC_SEQ_CST);
+    idm_ep_close(&link->ep);
+    return NULL;
+}
+
+static int start_watchdog(void)
+{
+    pthread_attr_t attr;
+    pthread_t thread;
+    sigset_t all, old;
+    int rc;
+
+    /* The application's signals belong to its own threads. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 << 10);
+    rc = pthread_create(&thread, &attr, watchdog, &chan.link);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
+static CUresult connect_locked(void)
+{
+    struct idm_layout layout = {RING_ORDER, RING_ORDER};
+    const char *path = socket_path();
+    char why[256];
+    uint32_t max_payload;
+    uint16_t version;
+    int rc;
+
+    rc = idm_local_connect(&chan.link, path, &layout, why, sizeof(why));
+    if (rc) {
+        vgpu_log("cannot reach gpu-proxy at %s (%s): no GPU for this process", path, why);
+        return CUDA_ERROR_NO_DEVICE;
+    }
+    rc = idm_hello_client(&chan.link.ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version,
+                          &max_payload, HELLO_TIMEOUT_MS);
+    if (rc) {
+        CUresult result = CUDA_ERROR_NO_DEVICE;
+        if (rc == -ENOMSG || rc == -EPROTONOSUPPORT) {
+            vgpu_log("gpu-proxy at %s refused this libvgpu: %s (call table digest %016llx)",
+                     path, rc == -ENOMSG ? "it was built from another call table"
+                                         : "no common protocol version",
+                     (unsigned long long)VGPU_CALL_TABLE_DIGEST);
+            result = CUDA_ERROR_SYSTEM_DRIVER_MISMATCH;
+        } else {
+            vgpu_log("gpu-proxy at %s did not complete the hello: %s", path, strerror(-rc));
+        }
+        idm_local_release(&chan.link);
+        return result;
+    }
+    chan.host_gone = 0;
+    if (start_watchdog()) {
+        vgpu_log("cannot start the channel watchdog thread");
+        idm_local_release(&chan.link);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    chan.seq = 0;
+    chan.state = CH_UP;
+    return CUDA_SUCCESS;
+}
+
+/* The channel is unusable from now on; say why once. */
+static CUresult lose_locked(const char *what, int err)
+{
+    if (chan.state == CH_UP) {
+        const char *why = chan.link.ep.why[0] ? chan.link.ep.why : strerror(err);
+        if (__atomic_load_n(&chan.host_gone, __ATOMIC_SEQ_CST))
+            why = "gpu-proxy went away (its socket hung up)";
+        else if (err == EPIPE)
+            why = "gpu-proxy closed the channel";
+        vgpu_log("lost the channel to gpu-proxy while %s: %s", what, why);
+        idm_ep_close(&chan.link.ep);
+        chan.state = CH_LOST;
+    }
+    return CUDA_ERROR_DEVICE_UNAVAILABLE;
+}
+
+/* Connect on first use; a connection that fails stays failed (said once, on stderr). */
+static CUresult ready_locked(void)
+{
+    CUresult r;
+
+    if (chan.state == CH_UP)
+        return CUDA_SUCCESS;
+    if (chan.state == CH_LOST)
+        return CUDA_ERROR_DEVICE_UNAVAILABLE;
+    r = connect_locked();
+    if (r)
+        chan.state = CH_LOST;
+    return r;
+}
+
+CUresult vgpu_channel_connect(void)
+{
+    CUresult r;
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    pthread_mutex_unlock(&chan.lock);
+    return r;
+}
+
+size_t vgpu_channel_max_payload(void)
+{
+    size_t n;
+    pthread_mutex_lock(&chan.lock);
+    n = chan.state == CH_UP ? chan.link.ep.max_payload : IDM_MAX_PAYLOAD;
+    pthread_mutex_unlock(&chan.lock);
+    return n;
+}
+
+static CUresult send_locked(uint32_t opcode, uint16_t flags, const struct iovec *req, int n,
+                            uint64_t *seq)
+{
+    struct idm_hdr h;
+    size_t len = 0;
+    int rc;
+
+    for (int i = 0; i < n; i++)
+        len += req[i].iov_len;
+    if (len > chan.link.ep.max_payload)
+        return CUDA_ERROR_INVALID_VALUE; /* callers split what may be large; nothing was sent */
+    *seq = ++chan.seq;
+    idm_hdr_init(&h, opcode, flags, *seq, (uint32_t)len, 0);
+    rc = idm_sendv(&chan.link.ep, &h, req, n, -1);
+    return rc ? lose_locked("sending a request", -rc) : CUDA_SUCCESS;
+}
+
+/* Receive the header of the reply to (opcode, seq); returns its payload length or -1 (lost). */
+static int64_t reply_hdr_locked(uint32_t opcode, uint64_t seq, CUresult *status)
+{
+    struct idm_hdr h;
+    int64_t len = idm_recv_hdr(&chan.link.ep, &h, -1);
+
+    if (len < 0) {
+        *status = lose_locked("waiting for a reply", (int)-len);
+        return -1;
+    }
+    if (!(h.flags & IDM_F_REPLY) || h.seq != seq || h.opcode != opcode) {
+        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+                 "reply (opcode 0x%x, seq %llu) does not answer request (opcode 0x%x, seq %llu)",
+                 h.opcode, (unsigned long long)h.seq, opcode, (unsigned long long)seq);
+        *status = lose_locked("reading a reply", EPROTO);
+        return -1;
+    }
+    if (h.status != CUDA_SUCCESS && len != 0) {
+        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+                 "error reply to opcode 0x%x carries %lld payload bytes", opcode, (long long)len);
+        *status = lose_locked("reading a reply", EPROTO);
+        return -1;
+    }
+    *status = (CUresult)h.status;
+    return len;
+}
+
+static CUresult reply_locked(uint32_t opcode, uint64_t seq, void *rep, size_t cap, size_t *rep_len)
+{
+    CUresult status;
+    int64_t len = reply_hdr_locked(opcode, seq, &status);
+    int rc;
+
+    if (len < 0)
+        return status;
+    if ((uint64_t)len > cap) {
+        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+                 "reply to opcode 0x%x has %lld payload bytes, at most %zu expected", opcode,
+                 (long long)len, cap);
+        return lose_locked("reading a reply", EPROTO);
+    }
+    rc = idm_recv_payload(&chan.link.ep, rep, (uint64_t)len, -1);
+    if (rc)
+        return lose_locked("reading a reply", -rc);
+    *rep_len = (size_t)len;
+    return status;
+}
+
+CUresult vgpu_call(uint32_t opcode, const struct iovec *req, int n, void *rep, size_t cap,
+                   size_t *rep_len)
+{
+    uint64_t seq;
+    CUresult r;
+
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    if (!r)
+        r = send_locked(opcode, 0, req, n, &seq);
+    if (!r)
+        r = reply_locked(opcode, seq, rep, cap, rep_len);
+    pthread_mutex_unlock(&chan.lock);
+    return r;
+}
+
+CUresult vgpu_call_async(uint32_t opcode, const struct iovec *req, int n)
+{
+    uint64_t seq;
+    CUresult r;
+
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    if (!r)
+        r = send_locked(opcode, IDM_F_ASYNC, req, n, &seq);
+    pthread_mutex_unlock(&chan.lock);
+    return r;
+}
+
+CUresult vgpu_call_blob(uint32_t opcode, const struct iovec *req, int n, void *dst, size_t len)
+{
+    uint8_t prefix[4];
+    uint64_t seq;
+    int64_t got;
+    CUresult r;
+    int rc;
+
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    if (!r)
+        r = send_locked(opcode, 0, req, n, &seq);
+    if (r)
+        goto out;
+    got = reply_hdr_locked(opcode, seq, &r);
+    if (got < 0 || r != CUDA_SUCCESS)
+        goto out;
+    if ((uint64_t)got != sizeof(prefix) + (uint64_t)len) {
+        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+                 "reply to opcode 0x%x has %lld payload bytes, %zu expected", opcode,
+                 (long long)got, sizeof(prefix) + len);
+        r = lose_locked("reading a reply", EPROTO);
+        goto out;
+    }
+    rc = idm_recv_payload(&chan.link.ep, prefix, sizeof(prefix), -1);
+    if (!rc && ((uint32_t)prefix[0] | (uint32_t)prefix[1] << 8 | (uint32_t)prefix[2] << 16 |
+                (uint32_t)prefix[3] << 24) != len) {
+        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+                 "reply to opcode 0x%x announces another length than %zu bytes", opcode, len);
+        r = lose_locked("reading a reply", EPROTO);
+        goto out;
+    }
+    if (!rc)
+        rc = idm_recv_payload(&chan.link.ep, dst, len, -1);
+    if (rc)
+        r = lose_locked("reading a reply", -rc);
+out:
+    pthread_mutex_unlock(&chan.lock);
+    return r;
+}
+
+CUresult vgpu_call_batch(struct vgpu_batch_call *calls, size_t n)
+{
+    uint64_t first = 0, seq;
+    CUresult r;
+    size_t i;
+
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    for (i = 0; !r && i < n; i++) {
+        struct iovec iov = {calls[i].req, calls[i].req_len};
+        r = send_locked(calls[i].opcode, 0, &iov, calls[i].req_len ? 1 : 0, &seq);
+        if (i == 0)
+            first = seq;
+    }
+    for (i = 0; !r && i < n; i++) {
+        size_t len = 0;
+        calls[i].status = reply_locked(calls[i].opcode, first + i, calls[i].rep,
+                                       sizeof(calls[i].rep), &len);
+        calls[i].rep_len = (uint32_t)len;
+        if (calls[i].status == CUDA_ERROR_DEVICE_UNAVAILABLE && chan.state == CH_LOST)
+            r = calls[i].status;
+    }
+    pthread_mutex_unlock(&chan.lock);
+    return r;
+}
+
+/* ---- fork ----------------------------------------------------------------------------------- */
+
+/* The child's copy of the channel is its parent's: close our copies of the descriptors without
+ * touching the shared pages (marking them closed would close the parent's channel), so that the
+ * parent's socket hangs up when the parent, not the child, goes away. */
+static void forget_parent_channel(void)
+{
+    if (chan.state != CH_NONE) {
+        if (chan.link.base != MAP_FAILED && chan.link.base)
+            munmap(chan.link.base, chan.link.len);
+        for (int i = 0; i < IDM_LOCAL_NFDS; i++)
+            if (chan.link.fds[i] >= 0)
+                close(chan.link.fds[i]);
+        if (chan.link.sock >= 0)
+            close(chan.link.sock);
+    }
+    memset(&chan.link, 0, sizeof(chan.link));
+    chan.state = CH_NONE;
+    chan.seq = 0;
+    chan.host_gone = 0;
+}
+
+void vgpu_channel_atfork(enum vgpu_fork_phase phase)
+{
+    if (phase == VGPU_FORK_PREPARE) {
+        pthread_mutex_lock(&chan.lock); /* no call is in flight while the process is copied */
+        return;
+    }
+    if (phase == VGPU_FORK_CHILD)
+        forget_parent_channel();
+    pthread_mutex_unlock(&chan.lock);
+}

@@ -1,0 +1,220 @@
+/*
+ * libvgpu internals. libvgpu is a zone's libcuda.so.1: every CUDA driver API entry point it
+ * exports either answers from what the zone already knows (device snapshot, context stack,
+ * allocations, error strings) or forwards the call over the IDM channel to gpu-proxy, which runs
+ * it in the zone's context on Dom0 (docs/libvgpu.md).
+ *
+ * Locking: `vgpu_lock` guards every local table (objects, allocations, contexts); the channel
+ * has its own lock (channel.c). The channel lock may be taken before the state lock, never
+ * after it: no code holds the state lock across a call to gpu-proxy.
+ */
+#ifndef VGPU_H
+#define VGPU_H
+
+/* POSIX and Linux interfaces (memfd, strndup, ...) next to C11. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+/* cuda.h declares every exported name with its true prototype (legacy unversioned names and the
+ * _v2/_ptds/_ptsz variants) only for the driver's own build, which is what this is: the compiler
+ * then checks each definition below against NVIDIA's prototype. */
+#define __CUDA_API_VERSION_INTERNAL 1
+#include <cuda.h>
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#define VGPU_API __attribute__((visibility("default")))
+/* Another exported name for the same function (legacy names, per-thread-stream variants). */
+#define VGPU_ALIAS(target) __attribute__((visibility("default"), alias(#target)))
+
+/* Device ordinals a zone can see: gpu-proxy gives each zone one GPU; a few more are tolerated. */
+#define VGPU_MAX_DEVICES 8
+
+/* ---- channel.c: the connection to gpu-proxy --------------------------------------------- */
+
+/* One line on stderr, prefixed "libvgpu: " (a refused connection, a lost channel, ...). */
+void vgpu_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Connect now if this process has no channel yet (cuInit; the child of a fork connects lazily). */
+CUresult vgpu_channel_connect(void);
+
+/* A synchronous call: the request is the concatenation of req[0..n); on CUDA_SUCCESS the reply
+ * payload (at most cap bytes) is in rep and its length in *rep_len. Other statuses are gpu-proxy's
+ * CUresult (including an earlier fire-and-forget call's error), or the channel's own failure. */
+CUresult vgpu_call(uint32_t opcode, const struct iovec *req, int n, void *rep, size_t cap,
+                   size_t *rep_len);
+
+/* A fire-and-forget call (the call table's async mode): returns once the request is in the ring. */
+CUresult vgpu_call_async(uint32_t opcode, const struct iovec *req, int n);
+
+/* A synchronous call whose reply is one variable blob (u32 length, bytes) of exactly `len`
+ * bytes: they are received straight into dst, with no intermediate copy. */
+CUresult vgpu_call_blob(uint32_t opcode, const struct iovec *req, int n, void *dst, size_t len);
+
+/* Several small synchronous calls sent back to back and answered in order: one round trip's
+ * latency for all of them (the device snapshot). */
+struct vgpu_batch_call {
+    uint32_t opcode;
+    uint32_t req_len;
+    uint8_t req[32];
+    CUresult status;
+    uint32_t rep_len;
+    uint8_t rep[264];
+};
+CUresult vgpu_call_batch(struct vgpu_batch_call *calls, size_t n);
+
+/* The largest payload one message may carry on this channel (the hello's agreed limit). */
+size_t vgpu_channel_max_payload(void);
+
+/* fork.c brackets fork() with each lock's holder: prepare takes the lock (so the copy is
+ * consistent), the parent releases it, the child resets what it guards and releases it. Lock
+ * order: init, channel, state. */
+enum vgpu_fork_phase { VGPU_FORK_PREPARE, VGPU_FORK_PARENT, VGPU_FORK_CHILD };
+void vgpu_channel_atfork(enum vgpu_fork_phase phase);
+void vgpu_init_atfork(enum vgpu_fork_phase phase);
+
+/* ---- init.c ------------------------------------------------------------------------------ */
+
+/* CUDA_SUCCESS once cuInit succeeded in this process, else CUDA_ERROR_NOT_INITIALIZED. */
+CUresult vgpu_require_init(void);
+
+/* ---- objects.c: handles the application holds --------------------------------------------- */
+
+enum vgpu_kind {
+    VGPU_KIND_CONTEXT = 1,
+    VGPU_KIND_MODULE,
+    VGPU_KIND_FUNCTION,
+    VGPU_KIND_STREAM,
+    VGPU_KIND_EVENT,
+};
+
+/* First member of every CUDA handle libvgpu hands out (struct CUctx_st, CUmod_st, ...). */
+struct vgpu_object {
+    enum vgpu_kind kind;
+    uint64_t id;                          /* gpu-proxy's handle for it */
+    CUcontext ctx;                         /* owner: compared and returned, never dereferenced */
+    void (*destroy)(struct vgpu_object *); /* frees the local memory only */
+};
+
+void vgpu_lock(void);
+void vgpu_unlock(void);
+
+/* All of these need vgpu_lock held. */
+int vgpu_objects_add(struct vgpu_object *obj); /* 0, or -1 when out of memory */
+void vgpu_objects_remove(struct vgpu_object *obj);
+/* The live object behind a handle, or NULL (never created, destroyed, or of another kind). */
+struct vgpu_object *vgpu_objects_find(const void *handle, enum vgpu_kind kind);
+/* Remove every object ctx owns from the table; returns them (malloc'd array; *n may be 0). */
+struct vgpu_object **vgpu_objects_detach_owned(CUcontext ctx, size_t *n);
+
+/* The child of a fork owns none of its parent's GPU objects: forget them all (fork.c). */
+void vgpu_objects_reset(void);
+
+/* ---- allocations.c: device memory this process allocated (vgpu_lock held) ----------------- */
+
+struct vgpu_allocation {
+    CUdeviceptr base;
+    size_t size;
+    CUcontext ctx;
+    CUdevice device;
+    unsigned long long buffer_id; /* CU_POINTER_ATTRIBUTE_BUFFER_ID: unique per allocation */
+};
+
+int vgpu_allocations_add(CUdeviceptr base, size_t size, CUcontext ctx, CUdevice device);
+/* Remove the allocation starting at base into *out; -1 if no allocation starts there. */
+int vgpu_allocations_remove(CUdeviceptr base, struct vgpu_allocation *out);
+/* The allocation holding ptr, or NULL. */
+const struct vgpu_allocation *vgpu_allocations_find(CUdeviceptr ptr);
+/* Whether [ptr, ptr + len) lies inside one allocation. */
+int vgpu_allocations_contain(CUdeviceptr ptr, size_t len);
+/* Remove every allocation of ctx; returns their bases (malloc'd; *n may be 0). */
+CUdeviceptr *vgpu_allocations_detach_ctx(CUcontext ctx, size_t *n);
+void vgpu_allocations_reset(void);
+
+/* ---- context.c ---------------------------------------------------------------------------- */
+
+struct CUctx_st {
+    struct vgpu_object obj;
+    CUdevice device;
+    unsigned int flags;
+    int primary;  /* the device's primary context: lives while retained */
+    int retained; /* primary contexts: cuDevicePrimaryCtxRetain count */
+};
+
+/* The calling thread's current context and its device (device may be NULL) if it is usable,
+ * else CUDA_ERROR_INVALID_CONTEXT (CUDA_ERROR_NOT_INITIALIZED before cuInit). The context may be
+ * destroyed by another thread as soon as this returns: keep its handle, never dereference it. */
+CUresult vgpu_current_context(CUcontext *ctx, CUdevice *device);
+void vgpu_contexts_reset(void);
+
+/* Release what a context owns on both sides (cuCtxDestroy, last primary release). */
+void vgpu_release_owned(CUcontext ctx);
+
+/* ---- device.c: the snapshot taken at cuInit ------------------------------------------------ */
+
+CUresult vgpu_device_snapshot(void);
+CUresult vgpu_device_check(CUdevice dev);
+/* SM number (major * 10 + minor) module images are selected for; 0 when unknown. */
+int vgpu_device_arch(CUdevice dev);
+
+/* ---- stream.c / event.c: handle → gpu-proxy id (0 is the legacy default stream) ----------- */
+
+CUresult vgpu_stream_id(CUstream stream, uint64_t *id);
+CUresult vgpu_event_id(CUevent event, uint64_t *id);
+
+/* ---- module_image.c, cubin.c, ptx.c, lz4.c: what cuModuleLoadData is given ----------------- */
+
+struct vgpu_param {
+    uint32_t offset;
+    uint32_t size;
+};
+
+struct vgpu_kernel {
+    char *name;
+    uint32_t param_bytes; /* size of the parameter buffer cuLaunchKernel fills */
+    uint32_t nparams;
+    struct vgpu_param *params;
+};
+
+struct vgpu_kernels {
+    struct vgpu_kernel *kernels;
+    size_t count;
+    int known;     /* 0: the code the device would run could not be read (why says why) */
+    char why[256];
+};
+
+/* Bytes the image occupies (ELF cubin, fatbin container, or NUL-terminated PTX); -1 if the
+ * image cannot be sized, with why filled. */
+int vgpu_image_size(const void *image, size_t *size, char *why, size_t why_len);
+/* Kernels and parameter layouts of the code a device of SM `arch` would run, picked from the
+ * image as the driver (and gpu-proxy) pick it. Never fails: out->known says whether it worked. */
+void vgpu_image_kernels(const uint8_t *image, size_t size, int arch, struct vgpu_kernels *out);
+void vgpu_kernels_free(struct vgpu_kernels *k);
+const struct vgpu_kernel *vgpu_kernels_find(const struct vgpu_kernels *k, const char *name);
+
+/* Layouts of one cubin / one PTX text (0, or -1 with why filled). */
+int vgpu_cubin_kernels(const uint8_t *elf, size_t size, struct vgpu_kernels *out, char *why,
+                       size_t why_len);
+int vgpu_ptx_kernels(const char *text, size_t len, struct vgpu_kernels *out, char *why,
+                     size_t why_len);
+/* Decode one raw LZ4 block into exactly `size` bytes; 0 or -1. */
+int vgpu_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t size);
+
+/* ---- module.c ------------------------------------------------------------------------------ */
+
+/* The function behind a handle (vgpu_lock held): gpu-proxy's id and the kernel's parameter
+ * layout, NULL when it is unknown (said once per module on stderr). */
+CUresult vgpu_function_find(CUfunction f, uint64_t *id, const struct vgpu_kernel **kernel);
+
+/* ---- bulk_wire.c: request heads of calls whose data is gathered from the caller's buffer ---- */
+
+#define VGPU_HEAD_MAX 32
+size_t vgpu_head_cuMemcpyHtoD_v2(uint8_t *head, CUdeviceptr dst, size_t count);
+size_t vgpu_head_cuMemcpyHtoDAsync_v2(uint8_t *head, CUdeviceptr dst, size_t count,
+                                      uint64_t stream);
+size_t vgpu_head_cuModuleLoadData(uint8_t *head, size_t image_size);
+
+#endif

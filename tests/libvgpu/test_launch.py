@@ -1,0 +1,74 @@
+"""Modules and kernel launches through libvgpu. gpu-proxy's ZoneRegistry runs in this process
+(the same code as the daemon, serving the program over LocalLink) so that the launches the sim
+recorded can be read back: their parameter bytes show what libvgpu packed from kernelParams and
+`extra`, and the sim checked each size against the kernel's layout without running anything."""
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpu_proxy.backends.sim import LaunchRecord, SimBackend, SimContext
+from gpu_proxy.registry import ZoneRegistry
+from gpu_proxy.telemetry.zone_stats import ZoneIdentity
+from tests.libvgpu.conftest import MODULE_BUILDS, Programs, passed, run
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[ZoneRegistry]:
+    reg = ZoneRegistry(SimBackend(), tmp_path)
+    yield reg
+    reg.close()
+
+
+def launches(registry: ZoneRegistry, zone_id: str) -> list[LaunchRecord]:
+    [zone] = [z for z in registry.zones() if z.id == zone_id]
+    assert isinstance(zone.context, SimContext)
+    return list(zone.context.launches)
+
+
+def mixed_params(p: int) -> bytes:
+    """mixed(int i, float *p, float f, pair s, char c, double d) as the driver lays it out:
+    each at the next multiple of its alignment; struct pair {int a; double b; char c;} is 24
+    bytes aligned to 8, its padding zero (the program clears it)."""
+    return b"".join(
+        [
+            struct.pack("<i4xQf4x", 7, p, 1.5),
+            struct.pack("<i4xdB7x", 3, 2.25, ord("x")),
+            struct.pack("<B7xd", ord("q"), -0.125),
+        ]
+    )
+
+
+def test_launch_marshalling_validated_by_sim_without_execution(
+    registry: ZoneRegistry, programs: Programs, modules: dict[str, Path]
+) -> None:
+    socket = registry.register(
+        ZoneIdentity(zone="launch", domid=0, pod="pod", namespace="ml", gpu_index=0), 64 * MiB
+    )
+    out = passed(run(programs["launch"], *(str(modules[n]) for n in MODULE_BUILDS), socket=socket))
+    layout = [line.split()[2:] for line in out.splitlines() if line.startswith("param ")]
+    assert layout == [
+        ["offset=0", "size=4"], ["offset=8", "size=8"], ["offset=16", "size=4"],
+        ["offset=24", "size=24"], ["offset=48", "size=1"], ["offset=56", "size=8"],
+    ]  # fmt: skip
+
+    records = launches(registry, "launch")
+    # The one allocation the program made is where every pointer parameter points.
+    [p] = {struct.unpack_from("<Q", r.params, 8)[0] for r in records if r.function == "mixed"}
+    scale = struct.pack("<Qfi", p, 2.0, 64)
+    big = struct.pack("<1200i", *(k * 3 + 1 for k in range(1200))) + struct.pack("<Q", p)
+    assert [(r.function, r.grid, r.block, r.shared_mem, r.params) for r in records] == [
+        ("mixed", (2, 3, 4), (32, 2, 1), 0, mixed_params(p)),
+        ("mixed", (1, 1, 1), (1, 1, 1), 0, mixed_params(p)),  # `extra`: the same bytes
+        ("noargs", (1, 1, 1), (1, 1, 1), 0, b""),
+        ("scale", (2, 1, 1), (32, 1, 1), 0, scale),  # from the fatbin
+        ("scale", (2, 1, 1), (32, 1, 1), 0, scale),  # from PTX
+        ("scale", (2, 1, 1), (32, 1, 1), 0, scale),  # from the LZ4-compressed PTX
+        ("big", (1, 1, 1), (1, 1, 1), 0, big),
+        ("scale", (1, 1, 1), (1, 1, 1), 0, scale),  # zstd fatbin: `extra` only
+    ]
+    assert [r.stream is None for r in records] == [True, False, True, True, True, True, True, True]
