@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from gpu_proxy import errors
 from gpu_proxy.backends.base import GpuBackend
 from gpu_proxy.dispatch import call_handlers
 from gpu_proxy.quota import MemoryLedger
@@ -23,13 +24,19 @@ from gpu_proxy.telemetry.zone_stats import ProxyStats, ZoneIdentity
 from gpu_proxy.zone import Caller, Zone
 from idm.channel import Channel, ChannelError
 from idm.links.local import LocalListener
-from idm.server import ChannelServer
+from idm.server import ChannelServer, FailureStatuses
 from idm.wire import MAX_PAYLOAD
 
 log = structlog.get_logger(__name__)
 
 
 ZONE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+# A zone reads every reply status as a CUresult.
+CALL_FAILURES = FailureStatuses(
+    unknown_opcode=errors.CUDA_ERROR_NOT_SUPPORTED, handler_failed=errors.CUDA_ERROR_UNKNOWN
+)
 
 
 class ZoneAlreadyRegistered(ValueError):
@@ -83,6 +90,7 @@ class _ZoneEndpoint:
             max_payload=MAX_PAYLOAD,
             name=self.zone.id,
             peer_alive=peer_alive,
+            failures=CALL_FAILURES,
         )
         thread = threading.Thread(
             target=self._serve, args=(server, on_close), name=f"zone-{self.zone.id}"

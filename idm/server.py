@@ -10,6 +10,7 @@ import errno
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
@@ -44,6 +45,18 @@ def null_handler(header: Header, payload: memoryview) -> Reply | None:
     return Reply(Status.OK, bytes(payload)) if len(payload) else _EMPTY_OK
 
 
+class FailureStatuses(NamedTuple):
+    """Reply statuses for requests no handler answered. A channel whose replies carry another
+    status space (gpu-proxy's carry CUresults) must map these into it: IDM's BAD_REQUEST (2)
+    would read as CUDA_ERROR_OUT_OF_MEMORY in a zone."""
+
+    unknown_opcode: int = Status.UNKNOWN_OPCODE
+    handler_failed: int = Status.BAD_REQUEST
+
+
+IDM_FAILURES = FailureStatuses()
+
+
 class ChannelServer:
     """Serves one channel until the peer leaves, breaks the protocol, or ``stop`` is called."""
 
@@ -55,8 +68,10 @@ class ChannelServer:
         max_payload: int,
         name: str = "",
         peer_alive: Callable[[], bool] | None = None,
+        failures: FailureStatuses = IDM_FAILURES,
     ) -> None:
         self.channel = channel
+        self.failures = failures
         self.handlers = dict(handlers)
         self.handlers.setdefault(Op.NULL, null_handler)
         self.max_payload = max_payload
@@ -110,14 +125,14 @@ class ChannelServer:
         handler = self.handlers.get(header.opcode)
         if handler is None:
             if not flags & _ASYNC:
-                self.channel.reply(header.opcode, header.seq, Status.UNKNOWN_OPCODE, b"")
+                self.channel.reply(header.opcode, header.seq, self.failures.unknown_opcode, b"")
             return
         try:
             reply = handler(header, payload)
         except Exception:
             # A handler bug must cost this request, not the zone's channel or the process.
             log.exception("handler failed", channel=self.name, opcode=header.opcode, seq=header.seq)
-            reply = Reply(Status.BAD_REQUEST)
+            reply = Reply(self.failures.handler_failed)
         if not flags & _ASYNC:
             reply = reply or _EMPTY_OK
             self.channel.reply(header.opcode, header.seq, reply.status, reply.payload)

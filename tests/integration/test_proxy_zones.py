@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gpu_proxy import errors
 from gpu_proxy.backends.sim import SimBackend
 from gpu_proxy.registry import ZoneRegistry
 from gpu_proxy.telemetry.events import EventKind
@@ -21,7 +22,7 @@ from gpu_proxy.telemetry.zone_stats import ZoneIdentity
 from idm.channel import Channel, ChannelClosed
 from idm.gen.codec import CALLS_BY_NAME
 from idm.links.local import LocalLink
-from idm.wire import MAX_PAYLOAD, Flags, Status
+from idm.wire import MAX_PAYLOAD, Flags
 from tests.nvcc import build_modules
 
 MiB = 1 << 20
@@ -130,7 +131,9 @@ def test_out_of_range_and_malformed_requests_cost_only_that_request(
     assert reply is not None and reply.header.status == INVALID_VALUE
     guest.channel.send(0x7FFF, b"", seq=100)
     reply = guest.channel.recv(timeout_ms=10_000)
-    assert reply is not None and reply.header.status == Status.UNKNOWN_OPCODE
+    # a CUresult, as every reply a zone gets: IDM's own UNKNOWN_OPCODE (3) would read as
+    # CUDA_ERROR_NOT_INITIALIZED
+    assert reply is not None and reply.header.status == errors.CUDA_ERROR_NOT_SUPPORTED
     assert guest.ok("cuMemGetInfo_v2").total == 16 * MiB
 
 

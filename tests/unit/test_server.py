@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from idm.channel import Channel
-from idm.server import ChannelServer, Reply
+from idm.server import ChannelServer, FailureStatuses, Reply
 from idm.wire import Flags, Header, Op, Status
 from tests.conftest import Pair
 
@@ -76,6 +76,26 @@ def test_unknown_opcode_gets_an_error_reply_and_the_channel_lives(
     assert call(zone, 999, b"", 1)[0] == Status.UNKNOWN_OPCODE
     zone.send(998, b"", seq=2, flags=Flags.ASYNC)
     assert call(zone, 100, b"ok", 3) == (0, b"okok")
+
+
+def test_failure_statuses_can_be_mapped_to_the_channel_s_status_space(
+    make_pair: MakePair,
+) -> None:
+    _, zone, host = make_pair()
+
+    def broken(header: Header, payload: memoryview) -> Reply:
+        raise RuntimeError("handler bug")
+
+    server = ChannelServer(
+        host, {5000: broken}, max_payload=1 << 20, failures=FailureStatuses(801, 999)
+    )
+    thread = start(server)
+    zone.hello_client(1 << 20)
+    assert call(zone, 4999, b"", 1)[0] == 801
+    assert call(zone, 5000, b"", 2)[0] == 999
+    assert call(zone, Op.NULL, b"alive", 3) == (Status.OK, b"alive")
+    server.stop()
+    thread.join(5)
 
 
 def test_handler_exception_costs_only_that_request(
