@@ -30,11 +30,14 @@ EIFMT_SVAL = 0x04
 EIATTR_PARAM_CBANK = 0x0A  # SVAL: u32 bank symbol, u16 offset, u16 total parameter bytes
 EIATTR_KPARAM_INFO = 0x17  # SVAL: u32 index, u16 ordinal, u16 offset, u32 packed (size<<18)
 EIATTR_CBANK_PARAM_SIZE = 0x19  # HVAL: total parameter bytes
+# nvcc 12.1+ for parameter lists past 4 KiB: u32 index, u16 ordinal, u16 offset, u16 size, u16
+EIATTR_KPARAM_INFO_V2 = 0x45
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
 _SYM = struct.Struct("<IBBHQQ")
 _KPARAM = struct.Struct("<IHHI")
+_KPARAM_V2 = struct.Struct("<IHHH")
 _PARAM_CBANK = struct.Struct("<IHH")
 
 
@@ -224,11 +227,17 @@ def kernel_info(name: str, info: bytes) -> KernelInfo:
     cbank_bytes: int | None = None
     declared_bytes: int | None = None
     for attr, value in _attributes(info, what):
-        if attr == EIATTR_KPARAM_INFO:
-            _index, ordinal, offset, packed = unpack(_KPARAM, value, 0, f"{what} KPARAM_INFO")
+        if attr in (EIATTR_KPARAM_INFO, EIATTR_KPARAM_INFO_V2):
+            if attr == EIATTR_KPARAM_INFO:
+                _index, ordinal, offset, packed = unpack(_KPARAM, value, 0, f"{what} KPARAM_INFO")
+                size = (packed >> 18) & 0x3FFF
+            else:
+                _index, ordinal, offset, size = unpack(
+                    _KPARAM_V2, value, 0, f"{what} KPARAM_INFO_V2"
+                )
             if ordinal in by_ordinal:
                 raise ModuleImageError(f"{what}: parameter {ordinal} described twice")
-            by_ordinal[ordinal] = ParamInfo(ordinal, offset, (packed >> 18) & 0x3FFF)
+            by_ordinal[ordinal] = ParamInfo(ordinal, offset, size)
         elif attr == EIATTR_PARAM_CBANK:
             cbank_bytes = unpack(_PARAM_CBANK, value, 0, f"{what} PARAM_CBANK")[2]
         elif attr == EIATTR_CBANK_PARAM_SIZE:

@@ -34,6 +34,8 @@ template <typename T> __global__ void fill(T* p, T v, int n)
 { if ((int)threadIdx.x < n) p[threadIdx.x] = v; }
 template __global__ void fill<float>(float*, float, int);
 template __global__ void fill<char>(char*, char, int);
+struct Big { char b[4800]; };  // past 4 KiB: nvcc writes EIATTR_KPARAM_INFO_V2 for it
+__global__ void big(Big s, int* out) { out[0] = s.b[4799]; }
 """
 
 GENCODE = [
@@ -61,6 +63,7 @@ EXPECTED = {
     "_Z8bystruct3S24Pi": KernelInfo("_Z8bystruct3S24Pi", _p((0, 24), (24, 8)), 32),
     "_Z4fillIfEvPT_S0_i": KernelInfo("_Z4fillIfEvPT_S0_i", _p((0, 8), (8, 4), (12, 4)), 16),
     "_Z4fillIcEvPT_S0_i": KernelInfo("_Z4fillIcEvPT_S0_i", _p((0, 8), (8, 1), (12, 4)), 16),
+    "_Z3big3BigPi": KernelInfo("_Z3big3BigPi", _p((0, 4800), (4800, 8)), 4808),
 }
 
 
