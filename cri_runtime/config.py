@@ -58,6 +58,9 @@ class RuntimeConfig(TomlSettings):
         "auto", description="OCI runtime the zone agent uses; auto prefers crun"
     )
     zone_boot_timeout_s: float = Field(60.0, gt=0, description="default wait for a zone's agent")
+    standby_agents: int = Field(
+        1, ge=0, description="process backend: zone agents kept started ahead of boots"
+    )
     log_json: bool = Field(True, description="JSON lines (services) or console (humans)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -424,7 +424,14 @@ class PodManager:
                     f"container {container_id} is {record.state.value}, not created"
                 )
             agent = self._agent(self.sandbox(record.sandbox_id))
-            self._apply(record, agent.start(container_id))
+            try:
+                info = agent.start(container_id)
+            except AgentError:
+                # the OCI runtime could not run it: the agent has it EXITED (ContainerCannotRun)
+                with contextlib.suppress(AgentError, AgentGone):
+                    self._apply(record, agent.status(container_id))
+                raise
+            self._apply(record, info)
         log.info("container started", container=container_id)
 
     def stop_container(self, container_id: str, timeout_s: float) -> None:

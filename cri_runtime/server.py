@@ -28,7 +28,10 @@ def make_backend(config: RuntimeConfig) -> ZoneBackend:
         from cri_runtime.zones.process import ProcessZoneBackend
 
         return ProcessZoneBackend(
-            config.zones_dir, oci_runtime=config.oci_runtime, libvgpu=config.libvgpu
+            config.zones_dir,
+            oci_runtime=config.oci_runtime,
+            libvgpu=config.libvgpu,
+            standby=config.standby_agents,
         )
     raise ValueError(
         "zone_backend 'xen' is not available in this build yet (Xen zones end to end is its "

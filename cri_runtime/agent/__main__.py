@@ -8,17 +8,24 @@ import shutil
 import signal
 import sys
 from collections.abc import MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from cri_runtime.agent import cgroups
+from cri_runtime.agent.cgroups import CgroupLayout
 from cri_runtime.agent.config import AgentConfig, parse_args
 from cri_runtime.agent.containers import ContainerManager
-from cri_runtime.agent.oci_runtime import OciRuntime, choose_runtime, probe_crun
+from cri_runtime.agent.oci_runtime import OciRuntime, RuntimeChoice, choose_runtime, probe_crun
 from cri_runtime.agent.reaper import Reaper
 from cri_runtime.agent.service import AgentService
-from cri_runtime.agent.zone_init import bring_up_loopback, set_hostname
+from cri_runtime.agent.standby import Standby, parse_standby, read_zone_flags
+from cri_runtime.agent.zone_init import (
+    bring_up_loopback,
+    enter_new_network_namespace,
+    set_hostname,
+)
 
 log = structlog.get_logger("cri_runtime.agent")
 
@@ -26,19 +33,31 @@ log = structlog.get_logger("cri_runtime.agent")
 STOP_GRACE_S = 10.0
 
 
-def configure_logging(zone_id: str, level: str) -> None:
-    """JSON lines on stderr (the backend keeps them in the zone's agent.log), each with the
-    zone id; threads do not inherit contextvars, so it is added by a processor."""
+class _ZoneTag:
+    """Adds the zone id to every log line (threads do not inherit contextvars); a standby agent
+    learns it only when it is given its zone."""
 
-    def add_zone_id(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event.setdefault("zone_id", zone_id)
+    def __init__(self) -> None:
+        self.zone_id = ""
+
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if self.zone_id:
+            event.setdefault("zone_id", self.zone_id)
         return event
 
+
+ZONE_TAG = _ZoneTag()
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr (the backend keeps them in the zone's agent.log)."""
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            add_zone_id,
+            ZONE_TAG,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
@@ -48,27 +67,33 @@ def configure_logging(zone_id: str, level: str) -> None:
     )
 
 
-def serve(config: AgentConfig) -> int:
-    log.info("zone agent starting", pid=os.getpid(), zone_dir=str(config.zone_dir))
+def enter_zone(config: AgentConfig) -> None:
+    """The zone's network, name and loopback; on the main thread, before it starts request
+    threads (see enter_new_network_namespace)."""
+    if config.new_netns:
+        enter_new_network_namespace()
     if config.hostname:
         set_hostname(config.hostname)
     if config.loopback:
         bring_up_loopback()
+
+
+def prepare(oci_runtime: str, scratch: Path) -> tuple[Reaper, CgroupLayout, RuntimeChoice] | None:
+    """What does not depend on the zone: the reaper and the OCI runtime (None if none works)."""
     reaper = Reaper()
     reaper.start()
     layout = cgroups.read_layout()
-    scratch = config.zone_dir / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         choice = choose_runtime(
-            config.oci_runtime,
+            oci_runtime,
             which=shutil.which,
             layout=layout,
             probe_crun=lambda binary: probe_crun(binary, scratch, reaper),
         )
     except ValueError as exc:
         log.error("no usable OCI runtime", reason=str(exc))
-        return 1
+        return None
     log.info(
         "OCI runtime chosen",
         runtime=choice.name,
@@ -76,7 +101,11 @@ def serve(config: AgentConfig) -> int:
         reason=choice.reason,
         cgroups=layout.mode.value,
     )
-    runtime = OciRuntime(choice, config.zone_dir / "oci", scratch, reaper)
+    return reaper, layout, choice
+
+
+def serve(config: AgentConfig, reaper: Reaper, layout: CgroupLayout, choice: RuntimeChoice) -> int:
+    runtime = OciRuntime(choice, config.zone_dir / "oci", config.zone_dir / "tmp", reaper)
     manager = ContainerManager(config, runtime, reaper, layout)
     service = AgentService(config, manager, choice.name)
     # As pid 1 of its namespace the agent gets only the signals it handles.
@@ -90,9 +119,35 @@ def serve(config: AgentConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    standby = parse_standby(argv)
+    if standby is not None:
+        return stand_by(standby)
     config = parse_args(argv)
-    configure_logging(config.zone_id, config.log_level)
-    return serve(config)
+    configure_logging(config.log_level)
+    ZONE_TAG.zone_id = config.zone_id
+    log.info("zone agent starting", pid=os.getpid(), zone_dir=str(config.zone_dir))
+    enter_zone(config)
+    prepared = prepare(config.oci_runtime, config.zone_dir / "tmp")
+    return 1 if prepared is None else serve(config, *prepared)
+
+
+def stand_by(standby: Standby) -> int:
+    """Prepare, then wait for a zone on stdin (agent/standby.py) and serve it."""
+    configure_logging(standby.log_level)
+    prepared = prepare(standby.oci_runtime, Path.cwd() / "tmp")
+    if prepared is None:
+        return 1
+    log.info("standby agent ready", pid=os.getpid(), token=standby.token)
+    flags = read_zone_flags(sys.stdin.buffer)
+    if flags is None:
+        log.info("standby agent released")
+        return 0
+    config = parse_args(flags)
+    ZONE_TAG.zone_id = config.zone_id
+    log.info("standby agent given its zone", zone_dir=str(config.zone_dir))
+    enter_zone(config)
+    return serve(config, *prepared)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,8 @@ class AgentClient:
         return self._call(p.AgentOp.CREATE, p.Create(spec=spec), p.ContainerInfo, COMMAND_TIMEOUT_S)
 
     def start(self, container_id: str) -> p.ContainerInfo:
-        return self._call(
-            p.AgentOp.START, p.ContainerRef(container_id=container_id), p.ContainerInfo
-        )
+        request = p.ContainerRef(container_id=container_id)
+        return self._call(p.AgentOp.START, request, p.ContainerInfo, COMMAND_TIMEOUT_S)
 
     def stop(self, container_id: str, timeout_s: float) -> p.ContainerInfo:
         request = p.Stop(container_id=container_id, timeout_s=timeout_s)

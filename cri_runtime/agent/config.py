@@ -22,6 +22,7 @@ class AgentConfig:
     control_socket: Path
     zone_dir: Path  # containers' bundles, overlay upper dirs and the OCI state live here
     hostname: str = ""  # set as the zone's hostname when given
+    new_netns: bool = False  # enter a network namespace of its own (a pod network)
     loopback: bool = False  # bring up `lo` (the zone has a network namespace of its own)
     oci_runtime: str = "auto"
     cgroup_parent: str = ""  # containers' cgroups go under it; default /vgpu-zones/<zone_id>
@@ -40,6 +41,11 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
     parser.add_argument("--control-socket", type=Path, required=True, help="runtime's socket")
     parser.add_argument("--zone-dir", type=Path, required=True, help="the agent's working dir")
     parser.add_argument("--hostname", default="", help="the zone's hostname")
+    parser.add_argument(
+        "--new-netns",
+        action="store_true",
+        help="unshare a network namespace of its own before starting anything",
+    )
     parser.add_argument(
         "--loopback", action="store_true", help="bring up lo (own network namespace)"
     )
@@ -65,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         control_socket=ns.control_socket,
         zone_dir=ns.zone_dir,
         hostname=ns.hostname,
+        new_netns=ns.new_netns,
         loopback=ns.loopback,
         oci_runtime=ns.oci_runtime,
         cgroup_parent=ns.cgroup_parent,

@@ -3,8 +3,11 @@
 Per container: an overlay rootfs (image layers + an upper dir under the zone dir), a bundle with
 the generated config.json, two pipes whose output becomes the CRI log, and the container's init
 process, which the OCI runtime leaves to us (we are the subreaper): its exit status arrives from
-the reaper. Operations on one container are serialized by its lock; different containers (and
-STATUS/LIST/STATS/EXEC) proceed in parallel.
+the reaper. CREATE prepares the rootfs and the bundle; START runs the OCI runtime's create and
+start, as containerd creates its task in StartContainer (a created container has no process). A
+container whose OCI create or start fails has exited: reason ContainerCannotRun, exit code 128
+(containerd's code for a start error), the runtime's message. Operations on one container are
+serialized by its lock; different containers (and STATUS/LIST/STATS/EXEC) proceed in parallel.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ log = structlog.get_logger(__name__)
 
 KILL_WAIT_S = 10.0  # how long a SIGKILLed container may take to be reaped
 LOG_DRAIN_S = 2.0  # after the exit, how long its output may take to reach the log
+CANNOT_RUN = "ContainerCannotRun"
+CANNOT_RUN_EXIT_CODE = 128
 
 
 def now() -> datetime:
@@ -67,6 +72,7 @@ class Container:
         self.finished_at: datetime | None = None
         self.exit_code: int | None = None
         self.reason = ""
+        self.message = ""
         self.log_sink: CriLog | None = None
         self.pumps: list[threading.Thread] = []
         self.exited = threading.Event()  # set once the exit is recorded and the log drained
@@ -86,6 +92,7 @@ class Container:
                 finished_at=self.finished_at,
                 exit_code=self.exit_code,
                 reason=self.reason,
+                message=self.message,
             )
 
     def watch(self, pid: int, pidfd: int | None) -> None:
@@ -100,12 +107,13 @@ class Container:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, sig)
 
-    def record_exit(self, code: int, finished_at: datetime, reason: str) -> None:
+    def record_exit(self, code: int, finished_at: datetime, reason: str, message: str = "") -> None:
         with self.state_lock:
             self.state = ContainerState.EXITED
             self.exit_code = code
             self.finished_at = finished_at
             self.reason = reason
+            self.message = message
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
@@ -150,7 +158,7 @@ class ContainerManager:
         with self._lock:
             self._creating.discard(cid)
             self._containers[cid] = container
-        container.log.info("container created", pid=container.pid, name=spec.name)
+        container.log.info("container created", name=spec.name)
         return container.info()
 
     def start(self, container_id: str) -> ContainerInfo:
@@ -162,15 +170,14 @@ class ContainerManager:
                 # before the start, so that started_at <= finished_at even for instant exits
                 c.started_at = now()
             try:
-                self._runtime.start(container_id)
-            except AgentError:
-                with c.state_lock:
-                    c.started_at = None if c.state == ContainerState.CREATED else c.started_at
+                self._launch(c)
+            except AgentError as exc:
+                self._cannot_run(c, str(exc))
                 raise
             with c.state_lock:
                 if c.state == ContainerState.CREATED:
                     c.state = ContainerState.RUNNING
-        c.log.info("container started")
+        c.log.info("container started", pid=c.pid)
         return c.info()
 
     def stop(self, container_id: str, timeout_s: float) -> ContainerInfo:
@@ -231,6 +238,10 @@ class ContainerManager:
         with c.op_lock:
             if c.exited.is_set():
                 raise AgentError(AgentStatus.INVALID, "container has exited")
+            if c.info().state == ContainerState.CREATED:  # no process yet: START uses the spec
+                c.spec = c.spec.model_copy(update={"resources": resources})
+                (c.bundle / "config.json").write_text(json.dumps(self._runtime_spec(c)))
+                return c.info()
             self._runtime.update(container_id, oci.resources_json(resources))
             if resources.oom_score_adj != c.spec.resources.oom_score_adj:
                 try:
@@ -289,24 +300,42 @@ class ContainerManager:
                 c.log_sink = CriLog(spec.log_path)
             except OSError as exc:
                 raise AgentError(AgentStatus.FAILED, f"open log {spec.log_path}: {exc}") from exc
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            c.pumps = [
-                start_pump(out_r, "stdout", c.log_sink, f"stdout-{c.id[:12]}"),
-                start_pump(err_r, "stderr", c.log_sink, f"stderr-{c.id[:12]}"),
-            ]
-            try:
-                pid = self._runtime.create(
-                    c.id, c.bundle, c.dir / "pid", stdout=out_w, stderr=err_w
-                )
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            c.watch(pid, self._reaper.watch(pid, partial(self._exited, c)))
             return c
         except BaseException:
             self._discard(c)
             raise
+
+    def _launch(self, c: Container) -> None:
+        """The OCI runtime's create, with our pipes as the container's stdout/stderr, then its
+        start. The container's init is watched from its create on."""
+        assert c.log_sink is not None
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        c.pumps = [
+            start_pump(out_r, "stdout", c.log_sink, f"stdout-{c.id[:12]}"),
+            start_pump(err_r, "stderr", c.log_sink, f"stderr-{c.id[:12]}"),
+        ]
+        try:
+            pid = self._runtime.create(c.id, c.bundle, c.dir / "pid", stdout=out_w, stderr=err_w)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        c.watch(pid, self._reaper.watch(pid, partial(self._exited, c)))
+        self._runtime.start(c.id)
+
+    def _cannot_run(self, c: Container, message: str) -> None:
+        """The OCI runtime failed to create or start the container: it has exited, whatever
+        the reaper recorded for an init the runtime's create left behind (killed here)."""
+        with c.state_lock:
+            launched = c.pid != 0
+        if launched:
+            c.signal(signal.SIGKILL)
+            if not c.exited.wait(KILL_WAIT_S):
+                c.log.warning("a container that could not run did not exit after SIGKILL")
+        for pump in c.pumps:
+            pump.join(LOG_DRAIN_S)
+        c.record_exit(CANNOT_RUN_EXIT_CODE, now(), CANNOT_RUN, message)
+        c.log.warning("container cannot run", error=message)
 
     def _runtime_spec(self, c: Container) -> dict[str, object]:
         spec = c.spec
@@ -342,6 +371,9 @@ class ContainerManager:
 
     def _stop(self, c: Container, timeout_s: float) -> None:
         if c.exited.is_set():
+            return
+        if c.info().state == ContainerState.CREATED:  # never started: there is no process
+            c.record_exit(0, now(), "", "stopped before it was started")
             return
         if timeout_s > 0 and c.info().state == ContainerState.RUNNING:
             c.signal(c.spec.stop_signal)

@@ -6,13 +6,21 @@ and its containers are only as isolated as runc/crun make them. It exists so the
 agent and the control channel can be developed and tested without Xen; production zones are Xen
 domUs (zones/xen.py).
 
-A zone is ``unshare --mount --pid --fork --mount-proc --uts --ipc [--net] python -m
-cri_runtime.agent …``: the agent is pid 1 of the new pid namespace, so killing it kills every
-process of the zone, and its mounts (container overlays) live and die with its mount namespace.
-It runs in a session of its own, so it outlives the runtime. Everything about a zone is under
-``<root>/<zone_id>/``: ``zone.json`` (the record: spec, pids with start times, boot time),
-``control.sock`` (the runtime listens, the agent connects), ``agent.log``, and the agent's own
-``containers/``, ``oci/`` and ``tmp/``.
+A zone is ``unshare --mount --pid --fork --mount-proc --uts --ipc python -m cri_runtime.agent
+…``: the agent is pid 1 of the new pid namespace, so killing it kills every process of the zone,
+and its mounts (container overlays) live and die with its mount namespace; a pod network is a
+network namespace the agent unshares itself. It runs in a session of its own, so it outlives the
+runtime. Everything about a zone is under ``<root>/<zone_id>/``: ``zone.json`` (the record:
+spec, pids with start times, boot time), ``control.sock`` (the runtime listens, the agent
+connects), ``agent.log``, and the agent's own ``containers/``, ``oci/`` and ``tmp/``.
+
+Booting a zone must not wait for an interpreter to start and import the agent (0.4 s), so the
+backend keeps ``standby`` agents started ahead, each in ``<root>/.standby/<token>/``, having
+done everything no zone decides (agent/standby.py). A boot writes the zone's record into a
+standby's directory, renames that directory to the zone's, and hands the agent the zone's flags
+on its stdin; the pool is refilled once the zone is up. A standby's stdin is a pipe from the
+runtime, so a standby whose runtime died gets end of file and exits; the next backend on the
+root kills any left over. Kata's VM templating is the same idea for VMs.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +51,7 @@ import cri_runtime
 from cri_runtime.agent import cgroups
 from cri_runtime.agent.client import AgentClient, AgentError, AgentGone
 from cri_runtime.agent.rootfs import unmount
+from cri_runtime.agent.standby import STANDBY_FLAG
 from cri_runtime.zones import pids
 from cri_runtime.zones.base import NetworkMode, ZoneError, ZoneInfo, ZoneSpec, ZoneState
 from cri_runtime.zones.pids import ProcessIdentity
@@ -52,6 +64,8 @@ ZONE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RECORD = "zone.json"
 CONTROL_SOCKET = "control.sock"
 AGENT_LOG = "agent.log"
+STANDBY_DIR = ".standby"  # not a zone id: list() never sees standbys
+STANDBY_NICE = 19  # a standby starts on idle CPU, not the boots and calls it is there to speed up
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 EXIT_WAIT_S = 10.0  # for a SIGKILLed zone's processes to be gone
 CGROUP_BUSY_S = 2.0  # an emptied cgroup can be busy for a moment after its last task exits
@@ -65,6 +79,15 @@ class ZoneRecord(BaseModel):
     unshare: ProcessIdentity
     agent: ProcessIdentity | None = None  # known once the agent connected
     started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Standby:
+    """A started agent not yet given a zone: unshare (the agent's parent) and its directory."""
+
+    directory: Path
+    process: subprocess.Popen[bytes]
+    unshare: ProcessIdentity
 
 
 class _Connection:
@@ -177,7 +200,10 @@ class ProcessZoneBackend:
         cgroup_root: str = "/vgpu-zones",
         reconnect_timeout_s: float = 10.0,
         agent_log_level: str = "info",
+        standby: int = 1,
     ) -> None:
+        """``standby``: how many agents to keep started ahead of boots (0: every boot starts
+        its agent)."""
         self.root = root
         self._python = python
         self._oci_runtime = oci_runtime
@@ -202,11 +228,18 @@ class ProcessZoneBackend:
         self._zone_locks: dict[str, threading.RLock] = {}
         self._connections: dict[str, _Connection] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._standby_target = standby
+        self._nice = os.getpriority(os.PRIO_PROCESS, 0)  # what zones run at
+        self._pool_lock = threading.Lock()  # _standbys, _closed; held while one is started
+        self._standbys: builtins.list[_Standby] = []
+        self._closed = False
         log.warning(
             "process zone backend: NOT an isolation boundary (zones are host processes in "
             "namespaces, as host root); for dev/CI only",
             root=str(root),
         )
+        self._kill_old_standbys()
+        self._refill()
 
     # -- ZoneBackend --------------------------------------------------------------------------
 
@@ -266,6 +299,14 @@ class ProcessZoneBackend:
         return self.root / zone_id
 
     def close(self) -> None:
+        """Zones keep running; standbys are stopped."""
+        with self._pool_lock:
+            self._closed = True
+            standbys, self._standbys = self._standbys, []
+        for standby in standbys:
+            self._discard_standby(standby)
+        with contextlib.suppress(OSError):
+            (self.root / STANDBY_DIR).rmdir()
         with self._lock:
             connections, self._connections = list(self._connections.values()), {}
             self._children = {}
@@ -283,26 +324,29 @@ class ProcessZoneBackend:
         socket_path = directory / CONTROL_SOCKET
         if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
             raise ZoneError(f"control socket path {socket_path} is too long for a unix socket")
-        directory.mkdir(mode=0o700, parents=True)
-        connection = _Connection(zone_id, socket_path)
-        child: subprocess.Popen[bytes] | None = None
+        standby = self._take_standby()
+        child = None if standby is None else standby.process
+        connection: _Connection | None = None
         try:
-            with open(directory / AGENT_LOG, "ab") as agent_log:
-                child = subprocess.Popen(
-                    self._command(spec),
-                    stdin=subprocess.DEVNULL,
-                    stdout=agent_log,
-                    stderr=agent_log,
-                    cwd=directory,
-                    env=self._agent_environment(),
-                    start_new_session=True,
-                )
-            unshare = pids.identify(child.pid)
-            if unshare is None:
-                raise ZoneError(f"unshare exited at once: {self._agent_log_tail(zone_id)}")
+            if standby is None:
+                directory.mkdir(mode=0o700, parents=True)
+                child = self._spawn(self._command(spec), directory, stdin=subprocess.DEVNULL)
+                unshare = pids.identify(child.pid)
+                if unshare is None:
+                    raise ZoneError(f"unshare exited at once: {self._agent_log_tail(zone_id)}")
+            else:
+                unshare = standby.unshare
             booting = ZoneRecord(spec=spec, unshare=unshare, started_at=datetime.now(UTC))
-            self._write_record(booting)
+            if standby is None:
+                self._write_record(booting, directory)
+            else:  # the record goes first: a zone directory never exists without one
+                self._write_record(booting, standby.directory)
+                standby.directory.rename(directory)
+            connection = _Connection(zone_id, socket_path)
             connection.start(_agent_of(booting))
+            if standby is not None:
+                _assign(standby.process, self._agent_flags(spec))
+            assert child is not None
             boot_child = child
             client = connection.wait_client(
                 spec.boot_timeout_s, still_worth_it=lambda: boot_child.poll() is None
@@ -311,7 +355,7 @@ class ProcessZoneBackend:
             if agent is None:
                 raise ZoneError("the agent exited right after it connected")
             record = booting.model_copy(update={"agent": agent})
-            self._write_record(record)
+            self._write_record(record, directory)
         except (ZoneError, OSError) as exc:
             why = (
                 f"agent exited with status {child.returncode}"
@@ -319,12 +363,12 @@ class ProcessZoneBackend:
                 else str(exc)
             )
             tail = self._agent_log_tail(zone_id)
-            connection.close()
+            if connection is not None:
+                connection.close()
             if child is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)  # the agent is in unshare's group
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.wait(EXIT_WAIT_S)
+                _kill_session(child)
+            if standby is not None:
+                shutil.rmtree(standby.directory, ignore_errors=True)  # if not yet the zone's
             self._cleanup(zone_id)
             raise ZoneError(f"zone {zone_id} did not boot: {why}\nagent.log:\n{tail}") from exc
         with self._lock:
@@ -334,38 +378,142 @@ class ProcessZoneBackend:
             "zone booted",
             zone_id=zone_id,
             agent_pid=agent.pid,
+            standby=standby is not None,
             oci_runtime=client.ready.oci_runtime,
             network=spec.network.value,
         )
+        if self._standby_target:
+            threading.Thread(target=self._refill, name="standby-refill", daemon=True).start()
         return self._info(zone_id, record)
 
-    def _command(self, spec: ZoneSpec) -> builtins.list[str]:
-        directory = self.zone_dir(spec.zone_id)
+    def _spawn(
+        self, command: builtins.list[str], directory: Path, *, stdin: int
+    ) -> subprocess.Popen[bytes]:
+        """unshare and its agent, in a session of their own, logging to ``directory``."""
+        with open(directory / AGENT_LOG, "ab") as agent_log:
+            return subprocess.Popen(
+                command,
+                stdin=stdin,
+                stdout=agent_log,
+                stderr=agent_log,
+                cwd=directory,
+                env=self._agent_environment(),
+                start_new_session=True,
+            )
+
+    def _unshare_command(self) -> builtins.list[str]:
         # --kill-child: killing unshare takes the zone's init (and so the zone) with it
         namespaces = ["--mount", "--propagation", "private", "--pid", "--kill-child"]
         namespaces += ["--mount-proc"]
         namespaces += ["--uts", "--ipc"]
-        agent = [
-            self._python,
-            "-m",
-            "cri_runtime.agent",
+        return [self._unshare, *namespaces, "--", self._python, "-m", "cri_runtime.agent"]
+
+    def _command(self, spec: ZoneSpec) -> builtins.list[str]:
+        return [*self._unshare_command(), *self._agent_flags(spec)]
+
+    def _agent_flags(self, spec: ZoneSpec) -> builtins.list[str]:
+        """A zone's agent command line: a cold agent's arguments, and a standby's zone. The
+        first three say which zone (a standby shows them in its command line)."""
+        directory = self.zone_dir(spec.zone_id)
+        flags = [
             f"--zone-id={spec.zone_id}",
-            f"--control-socket={directory / CONTROL_SOCKET}",
             f"--zone-dir={directory}",
+            f"--control-socket={directory / CONTROL_SOCKET}",
             f"--oci-runtime={self._oci_runtime}",
             f"--cgroup-parent={self._cgroup_root}/{spec.zone_id}",
             f"--log-level={self._agent_log_level}",
         ]
         if spec.network == NetworkMode.POD:
-            namespaces.append("--net")
-            agent.append("--loopback")
+            flags += ["--new-netns", "--loopback"]
         if spec.hostname:
-            agent.append(f"--hostname={spec.hostname}")
+            flags.append(f"--hostname={spec.hostname}")
         if spec.gpu is not None:
-            agent.append(f"--gpu-proxy-socket={spec.gpu.proxy_socket}")
+            flags.append(f"--gpu-proxy-socket={spec.gpu.proxy_socket}")
         if self._libvgpu is not None:
-            agent.append(f"--libvgpu={self._libvgpu}")
-        return [self._unshare, *namespaces, "--", *agent]
+            flags.append(f"--libvgpu={self._libvgpu}")
+        return flags
+
+    # -- standby agents -----------------------------------------------------------------------
+
+    def _take_standby(self) -> _Standby | None:
+        """A started standby, or None (boot cold). One still importing is taken too: it is
+        ahead of an agent started now."""
+        dead = []
+        taken = None
+        with self._pool_lock:
+            while self._standbys and taken is None:
+                standby = self._standbys.pop(0)
+                if standby.process.poll() is None:
+                    taken = standby
+                else:
+                    dead.append(standby)
+        for standby in dead:
+            log.warning(
+                "standby agent exited before it was used",
+                status=standby.process.returncode,
+                log_tail=_tail(standby.directory / AGENT_LOG),
+            )
+            self._discard_standby(standby)
+        if taken is not None:
+            try:  # the zone runs at the runtime's priority, as a cold one does
+                os.setpriority(os.PRIO_PGRP, taken.process.pid, self._nice)
+            except OSError as exc:
+                log.warning("standby agent keeps its low priority", error=str(exc))
+        return taken
+
+    def _refill(self) -> None:
+        """Start standbys until the pool is full (after a boot on a thread of its own: the boot
+        does not wait for it). A boot that failed does not refill: its standby may have been
+        what failed."""
+        with self._pool_lock:
+            while not self._closed and len(self._standbys) < self._standby_target:
+                try:
+                    self._standbys.append(self._start_standby())
+                except OSError as exc:
+                    log.warning("could not start a standby agent", error=str(exc))
+                    return
+
+    def _start_standby(self) -> _Standby:
+        token = secrets.token_hex(8)
+        directory = self.root / STANDBY_DIR / token
+        directory.mkdir(mode=0o700, parents=True)
+        command = [
+            *self._unshare_command(),
+            f"{STANDBY_FLAG}={token}",
+            f"--oci-runtime={self._oci_runtime}",
+            f"--log-level={self._agent_log_level}",
+        ]
+        try:
+            process = self._spawn(command, directory, stdin=subprocess.PIPE)
+        except OSError:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        unshare = pids.identify(process.pid)
+        if unshare is None:
+            tail = _tail(directory / AGENT_LOG)
+            _kill_session(process)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise OSError(f"unshare exited at once: {tail}")
+        # every thread of unshare and its agent (their process group); the agent's next ones
+        # inherit it
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PGRP, process.pid, STANDBY_NICE)
+        return _Standby(directory, process, unshare)
+
+    @staticmethod
+    def _discard_standby(standby: _Standby) -> None:
+        _kill_session(standby.process)
+        _kill_with_argument(f"{STANDBY_FLAG}={standby.directory.name}")  # and wait for the agent
+        shutil.rmtree(standby.directory, ignore_errors=True)
+
+    def _kill_old_standbys(self) -> None:
+        """Standbys a previous backend on this root left (they exit at the end of their stdin,
+        but one may hang): found by the token their directory and command line share."""
+        parent = self.root / STANDBY_DIR
+        if parent.is_dir():
+            for directory in parent.iterdir():
+                _kill_with_argument(f"{STANDBY_FLAG}={directory.name}")
+                shutil.rmtree(directory, ignore_errors=True)
 
     @staticmethod
     def _agent_environment() -> dict[str, str]:
@@ -409,14 +557,7 @@ class ProcessZoneBackend:
     def _kill_unrecorded(self, zone_id: str) -> None:
         """Processes of this zone no record names (a runtime killed between spawning the zone
         and recording its pids), found by the --zone-dir argument they all carry."""
-        marker = f"--zone-dir={self.zone_dir(zone_id)}"
-        for pid in pids.with_argument(marker):
-            log.warning("killing an unrecorded zone process", zone_id=zone_id, pid=pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + EXIT_WAIT_S
-        while pids.with_argument(marker) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _kill_with_argument(f"--zone-dir={self.zone_dir(zone_id)}")
 
     def _kill(self, record: ZoneRecord, child: subprocess.Popen[bytes] | None) -> None:
         """SIGKILL the zone's init (the kernel then kills its whole pid namespace) and wait
@@ -459,8 +600,8 @@ class ProcessZoneBackend:
             log.warning("unreadable zone record", zone_id=zone_id, error=str(exc))
             return None
 
-    def _write_record(self, record: ZoneRecord) -> None:
-        path = self.zone_dir(record.spec.zone_id) / RECORD
+    def _write_record(self, record: ZoneRecord, directory: Path) -> None:
+        path = directory / RECORD
         temporary = path.with_suffix(".tmp")
         with open(temporary, "w") as f:
             f.write(record.model_dump_json(indent=1))
@@ -483,13 +624,7 @@ class ProcessZoneBackend:
         )
 
     def _agent_log_tail(self, zone_id: str) -> str:
-        try:
-            with open(self.zone_dir(zone_id) / AGENT_LOG, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return "(no agent.log)"
+        return _tail(self.zone_dir(zone_id) / AGENT_LOG)
 
     @contextlib.contextmanager
     def _zone_lock(self, zone_id: str) -> Iterator[None]:
@@ -504,6 +639,53 @@ class ProcessZoneBackend:
             self._children.pop(zone_id, None)
         if connection is not None:
             connection.close()
+
+
+def _assign(standby: subprocess.Popen[bytes], flags: builtins.list[str]) -> None:
+    """Hand a standby agent its zone: the flags a cold agent would get, as one JSON line."""
+    assert standby.stdin is not None
+    standby.stdin.write(json.dumps(flags).encode() + b"\n")
+    standby.stdin.close()
+
+
+def _kill_session(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL unshare and its agent (unshare's process group) and reap unshare."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(EXIT_WAIT_S)
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+
+
+def _kill_with_argument(marker: str) -> None:
+    """SIGKILL the processes whose command line has ``marker`` (and any that shows up meanwhile,
+    e.g. forked by one of them) and wait until they are gone."""
+    doomed: set[ProcessIdentity] = set()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while True:
+        for pid in pids.with_argument(marker):
+            identity = pids.identify(pid)
+            if identity is not None and identity not in doomed:
+                log.warning("killing a process no record names", marker=marker, pid=pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                doomed.add(identity)
+        if not any(pids.alive(identity) for identity in doomed) or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return f"(no {path.name})"
 
 
 def _wait_gone(

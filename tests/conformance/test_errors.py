@@ -101,6 +101,28 @@ def test_bad_container_configs(cri: CriClient, image: str) -> None:
     cri.remove_pod(pod)
 
 
+def test_a_container_the_oci_runtime_cannot_run(cri: CriClient, image: str) -> None:
+    cfg = pod_config("cannotrun")
+    pod = cri.run_pod(cfg)
+    cid = cri.create(pod, container_config("absent", image, ["/bin/absent"]), cfg)
+    assert cri.status(cid).state == api_pb2.CONTAINER_CREATED  # runc is run by StartContainer
+    code, msg = code_and_message(
+        cri.runtime.StartContainer, api_pb2.StartContainerRequest(container_id=cid)
+    )
+    assert code == grpc.StatusCode.UNKNOWN and "/bin/absent" in msg
+    status = cri.status(cid)
+    assert status.state == api_pb2.CONTAINER_EXITED and status.exit_code == 128
+    assert status.reason == "ContainerCannotRun" and "/bin/absent" in status.message
+    never = cri.create(pod, container_config("never", image, ["sleep", "60"]), cfg)
+    for container in (cid, never):
+        cri.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container))
+        code, _ = code_and_message(
+            cri.runtime.ContainerStatus, api_pb2.ContainerStatusRequest(container_id=container)
+        )
+        assert code == grpc.StatusCode.NOT_FOUND
+    cri.remove_pod(pod)
+
+
 def test_container_in_stopped_sandbox(cri: CriClient, image: str) -> None:
     cfg = pod_config("stopped")
     pod = cri.run_pod(cfg)

@@ -40,17 +40,20 @@ def runtime(gpu_proxy: str, busybox_ref: str) -> Iterator[RuntimeDaemon]:
 
 
 def zone_processes(zones_dir: Path) -> list[int]:
-    """Host processes whose command line names a zone under zones_dir (agents, unshare): the
-    runtime itself names only zones_dir, followed by a space."""
+    """Host processes of zones under zones_dir (unshare and agents): their working directory is
+    their zone's directory (standby agents, in zones_dir/.standby, are no zone's), or, for an
+    agent booted cold, their command line names it."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            cwd = os.readlink(entry / "cwd")
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if (str(zones_dir) + "/").encode() in cmdline:
+        in_zone = cwd == str(zones_dir) or cwd.startswith(f"{zones_dir}/")
+        if (in_zone and "/.standby" not in cwd) or f"--zone-dir={zones_dir}".encode() in cmdline:
             found.append(int(entry.name))
     return found
 

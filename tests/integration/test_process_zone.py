@@ -3,6 +3,7 @@ cgroups, the IDM control channel. Needs root (as CI and the dev VM run)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ import pytest
 from cri_runtime.agent import protocol as p
 from cri_runtime.agent.client import AgentClient, AgentError
 from cri_runtime.agent.protocol import AgentStatus, ContainerState
+from cri_runtime.zones import pids
 from cri_runtime.zones.base import GpuAccess, NetworkMode, ZoneError, ZoneSpec, ZoneState
 from cri_runtime.zones.process import ProcessZoneBackend
 from devkit.busybox import write_busybox_rootfs
@@ -387,6 +389,56 @@ def test_remove_deletes_everything_of_the_container(
     assert not zone.agent.list()
 
 
+def test_a_created_container_has_no_process_and_stop_or_remove_clean_it_up(
+    zone: Zone, backend: ProcessZoneBackend
+) -> None:
+    kept, removed = zone.spec("sleep", "60"), zone.spec("sleep", "60")
+    for spec in (kept, removed):
+        info = zone.agent.create(spec)
+        assert (info.state, info.pid, info.started_at) == (ContainerState.CREATED, 0, None)
+    oci_state = backend.zone_dir(zone.zone_id) / "oci"
+    assert not (oci_state / kept.container_id).exists()  # the OCI runtime's create is START's
+    assert not processes_in_cgroup(kept.container_id)
+    started = time.monotonic()
+    info = zone.agent.stop(kept.container_id, timeout_s=10)
+    assert time.monotonic() - started < 2 and info.state == ContainerState.EXITED
+    with pytest.raises(AgentError) as err:
+        zone.agent.start(kept.container_id)
+    assert err.value.status == AgentStatus.INVALID
+    for spec in (kept, removed):
+        zone.agent.remove(spec.container_id)
+        assert not (backend.zone_dir(zone.zone_id) / "containers" / spec.container_id).exists()
+    assert not zone.agent.list() and not mounts_under(backend.zone_dir(zone.zone_id))
+
+
+def test_a_container_the_oci_runtime_cannot_run_fails_its_start_and_exits(
+    zone: Zone, backend: ProcessZoneBackend
+) -> None:
+    spec = zone.spec("/bin/absent")
+    assert zone.agent.create(spec).state == ContainerState.CREATED
+    with pytest.raises(AgentError) as err:
+        zone.agent.start(spec.container_id)
+    assert err.value.status == AgentStatus.FAILED and "/bin/absent" in str(err.value)
+    info = zone.agent.status(spec.container_id)
+    assert (info.state, info.exit_code, info.reason, info.pid) == (
+        ContainerState.EXITED,
+        128,
+        "ContainerCannotRun",
+        0,
+    )
+    assert info.message == str(err.value)
+    assert info.started_at is not None and info.finished_at is not None
+    assert info.created_at <= info.started_at <= info.finished_at
+    with pytest.raises(AgentError) as again:
+        zone.agent.start(spec.container_id)
+    assert again.value.status == AgentStatus.INVALID
+    assert zone.agent.stop(spec.container_id, timeout_s=1).reason == "ContainerCannotRun"
+    zone.agent.remove(spec.container_id)
+    assert not (backend.zone_dir(zone.zone_id) / "containers" / spec.container_id).exists()
+    assert not (backend.zone_dir(zone.zone_id) / "oci" / spec.container_id).exists()
+    assert not processes_in_cgroup(spec.container_id) and not zone.agent.list()
+
+
 def test_bad_requests_get_statuses_and_the_agent_keeps_serving(zone: Zone) -> None:
     survivor = zone.run("sleep", "60")
     missing = "f" * 64
@@ -412,9 +464,6 @@ def test_bad_requests_get_statuses_and_the_agent_keeps_serving(zone: Zone) -> No
     assert status_of(lambda: zone.agent.create(no_layer)) == AgentStatus.INVALID
     bad_cap = zone.spec("true", security=p.Security(capabilities_add=("FLY",)))
     assert status_of(lambda: zone.agent.create(bad_cap)) == AgentStatus.INVALID
-    with pytest.raises(AgentError) as err:
-        zone.agent.create(zone.spec("/bin/absent"))
-    assert err.value.status == AgentStatus.FAILED and "/bin/absent" in str(err.value)
     # what the typed client never sends
     assert zone.agent.call_raw(p.AgentOp.CREATE, b"{not json", timeout_s=10)[0] == 2
     assert zone.agent.call_raw(p.AgentOp.STOP, b'{"container_id": 5}', timeout_s=10)[0] == 2
@@ -495,6 +544,155 @@ def test_a_gpu_container_in_a_zone_without_gpu_is_invalid(zone: Zone) -> None:
     with pytest.raises(AgentError) as err:
         zone.agent.create(zone.spec("true", gpu=True))
     assert err.value.status == AgentStatus.INVALID and "gpu-proxy" in str(err.value)
+
+
+# -- standby agents ---------------------------------------------------------------------------
+
+
+def standby_processes(root: Path) -> list[int]:
+    """unshare and agent of each standby of the backend on ``root`` (by their --standby token)."""
+    found: list[int] = []
+    if (root / ".standby").is_dir():
+        for directory in (root / ".standby").iterdir():
+            found += pids.with_argument(f"--standby={directory.name}")
+    return found
+
+
+def ready_standbys(root: Path) -> list[int]:
+    """Host pids of the standby agents that wait for a zone."""
+    marked = standby_processes(root)
+    agents = [pid for pid in marked if (stat := pids.stat(pid)) and stat.ppid in marked]
+    ready = []
+    for pid in agents:
+        with contextlib.suppress(OSError):  # it may be given a zone meanwhile
+            if b"standby agent ready" in Path(f"/proc/{pid}/cwd/agent.log").read_bytes():
+                ready.append(pid)
+    return ready
+
+
+def ready_standby(root: Path) -> int:
+    wait_for("a ready standby agent", lambda: len(ready_standbys(root)) == 1, timeout_s=30)
+    return ready_standbys(root)[0]
+
+
+def test_boots_are_served_by_standby_agents_and_the_pool_refills(
+    backend: ProcessZoneBackend, layer: Path, tmp_path: Path
+) -> None:
+    standby = ready_standby(backend.root)
+    assert os.getpriority(os.PRIO_PROCESS, standby) == 19  # it waits on idle CPU
+    first, second = new_zone_id(), new_zone_id()
+    assert backend.boot(ZoneSpec(zone_id=first, hostname="first")).pid == standby
+    backend.boot(ZoneSpec(zone_id=second, hostname="second"))  # while the pool refills
+    agents = []
+    for zone_id in (first, second):
+        zone = Zone(zone_id, backend.agent(zone_id), layer, tmp_path)
+        assert zone.agent.ready.zone_id == zone_id and zone.agent.ready.agent_pid == 1
+        spec = zone.run("hostname")
+        wait_exited(zone.agent, spec.container_id)
+        assert spec.log_path is not None and output(spec.log_path) in ("first", "second")
+        agent_pid = next(z.pid for z in backend.list() if z.zone_id == zone_id)
+        assert agent_pid is not None
+        agents.append(agent_pid)
+        threads = [int(tid) for tid in os.listdir(f"/proc/{agent_pid}/task")]
+        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {os.nice(0)}
+        # the standby's directory became the zone's: its working directory followed the rename
+        assert Path(os.readlink(f"/proc/{agent_pid}/cwd")) == backend.zone_dir(zone_id)
+        agent_log = (backend.zone_dir(zone_id) / "agent.log").read_text()
+        assert f'"zone_id": "{zone_id}"' in agent_log
+    assert sorted(z.zone_id for z in backend.list()) == sorted((first, second))
+    refilled = pids.identify(ready_standby(backend.root))
+    assert refilled is not None and refilled.pid not in agents
+    backend.close()  # standbys stop, zones run on
+    wait_for("the standby to exit", lambda: not pids.alive(refilled))
+    assert standby_processes(backend.root) == []
+    assert all(Path(f"/proc/{pid}").exists() for pid in agents)
+
+
+RUNTIME_WITH_STANDBYS = """
+import sys, time
+from pathlib import Path
+from cri_runtime.zones.process import ProcessZoneBackend
+backend = ProcessZoneBackend(Path(sys.argv[1]), python=sys.argv[2], standby=2)
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("hung", [False, True], ids=["agents", "hung"])
+def test_standbys_of_a_killed_runtime_are_gone_at_the_next_start(
+    tmp_path: Path, hung: bool
+) -> None:
+    python = sys.executable
+    if hung:  # a standby that never reads its stdin does not see its runtime die
+        python = str(tmp_path / "hung-python")
+        Path(python).write_text(f"#!{sys.executable}\nimport time\ntime.sleep(1000)\n")
+        Path(python).chmod(0o755)
+    root = tmp_path / "zones"
+    runtime = subprocess.Popen(
+        [sys.executable, "-c", RUNTIME_WITH_STANDBYS, str(root), python],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).parents[2],
+    )
+    standbys: list[pids.ProcessIdentity | None] = []
+    try:
+        assert runtime.stdout is not None
+        assert b"up\n" in iter(runtime.stdout.readline, b"")
+        # unshare and its agent, twice
+        wait_for("the standbys' processes", lambda: len(standby_processes(root)) == 4)
+        if not hung:
+            wait_for("two ready standbys", lambda: len(ready_standbys(root)) == 2, timeout_s=30)
+        standbys += [pids.identify(pid) for pid in standby_processes(root)]
+        assert len(standbys) == 4
+    finally:
+        runtime.kill()
+        runtime.wait()
+    alive = [s for s in standbys if s is not None and pids.alive(s)]
+    try:
+        if hung:
+            assert len(alive) == 4
+        else:  # end of file on their stdin
+            wait_for("standbys to exit", lambda: not any(pids.alive(s) for s in alive))
+    finally:
+        backend = ProcessZoneBackend(root, standby=0)
+    try:
+        assert not any(pids.alive(s) for s in alive)
+        assert list((root / ".standby").iterdir()) == [] and backend.list() == []
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("standby", [0, 1], ids=["cold", "standby"])
+def test_network_and_hostname_of_cold_and_standby_zones(
+    layer: Path, tmp_path: Path, standby: int
+) -> None:
+    backend = ProcessZoneBackend(tmp_path / "zones", standby=standby)
+    host_interfaces = set(re.findall(r"^\s*(\S+):", Path("/proc/net/dev").read_text(), re.M))
+    try:
+        for mode in (NetworkMode.POD, NetworkMode.NODE):
+            expected = ready_standby(backend.root) if standby else None
+            zone_id = new_zone_id()
+            info = backend.boot(ZoneSpec(zone_id=zone_id, network=mode, hostname=f"h-{mode}"))
+            assert info.pid is not None and (expected is None or info.pid == expected)
+            own_network = os.readlink(f"/proc/{info.pid}/ns/net") != os.readlink(
+                "/proc/self/ns/net"
+            )
+            assert own_network == (mode == NetworkMode.POD)
+            zone = Zone(zone_id, backend.agent(zone_id), layer, tmp_path)
+            spec = zone.run("sh", "-c", "hostname; cat /proc/net/dev /sys/class/net/lo/operstate")
+            wait_exited(zone.agent, spec.container_id)
+            assert spec.log_path is not None
+            seen = output(spec.log_path)
+            assert seen.startswith(f"h-{mode}\n") and seen.endswith("unknown")  # lo is up
+            interfaces = set(re.findall(r"^\s*(\S+):", seen, re.M))
+            assert interfaces == ({"lo"} if mode == NetworkMode.POD else host_interfaces)
+            backend.stop(zone_id, grace_s=0)
+    finally:
+        backend.close()
+        cleanup = ProcessZoneBackend(tmp_path / "zones", standby=0)
+        for leftover in cleanup.list():
+            cleanup.stop(leftover.zone_id, grace_s=0)
+        cleanup.close()
 
 
 # -- restarts, deaths, cleanup ----------------------------------------------------------------
