@@ -120,6 +120,7 @@ void vgpu_release_owned(CUcontext ctx)
     CUdeviceptr *bases;
     size_t nobjs, nbases;
 
+    vgpu_cls_destroy(ctx); /* first: cudart's destructors release what they registered */
     vgpu_lock();
     objs = vgpu_objects_detach_owned(ctx, &nobjs);
     bases = vgpu_allocations_detach_ctx(ctx, &nbases);
@@ -421,4 +422,22 @@ VGPU_API CUresult CUDAAPI cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int 
     *active = primary[dev] && primary[dev]->retained > 0;
     vgpu_unlock();
     return CUDA_SUCCESS;
+}
+
+/* A device's primary context without retaining it (cudart's private interface asks this way):
+ * made, inactive, if it was never retained; gpu-proxy's id comes with the first retain. */
+CUresult vgpu_primary_context(CUcontext *pctx, CUdevice dev)
+{
+    CUresult r = vgpu_device_check(dev);
+
+    if (r)
+        return r;
+    if (!pctx)
+        return CUDA_ERROR_INVALID_VALUE;
+    vgpu_lock();
+    if (!primary[dev])
+        primary[dev] = new_context(0, dev, 0, 1);
+    *pctx = primary[dev];
+    vgpu_unlock();
+    return *pctx ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
 }

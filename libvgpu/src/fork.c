@@ -26,6 +26,7 @@ static void child(void)
     vgpu_objects_reset();
     vgpu_allocations_reset();
     vgpu_contexts_reset();
+    vgpu_cls_reset();
     vgpu_unlock();
     vgpu_channel_atfork(VGPU_FORK_CHILD);
     vgpu_init_atfork(VGPU_FORK_CHILD);

@@ -150,8 +150,28 @@ struct CUctx_st {
 CUresult vgpu_current_context(CUcontext *ctx, CUdevice *device);
 void vgpu_contexts_reset(void);
 
+/* A device's primary context, retained or not (cudart's private interface). */
+CUresult vgpu_primary_context(CUcontext *pctx, CUdevice dev);
+
 /* Release what a context owns on both sides (cuCtxDestroy, last primary release). */
 void vgpu_release_owned(CUcontext ctx);
+
+/* ---- context_storage.c: cudart's values kept per context (export_table.c) ------------------ */
+
+typedef void (*vgpu_cls_dtor)(CUcontext ctx, void *key, void *value);
+/* ctx NULL: the current context. get answers CUDA_ERROR_INVALID_HANDLE for no value. */
+CUresult vgpu_cls_insert(CUcontext ctx, void *key, void *value, vgpu_cls_dtor dtor);
+CUresult vgpu_cls_remove(CUcontext ctx, void *key);
+CUresult vgpu_cls_get(void **value, CUcontext ctx, void *key);
+/* The context is going: run and forget its values' destructors (no lock held). */
+void vgpu_cls_destroy(CUcontext ctx);
+void vgpu_cls_reset(void);
+
+/* ---- export_table.c, integrity.c: cudart's private tables ---------------------------------- */
+
+/* The slots of the export table called `name` (export_table.c's names), or NULL. */
+const void *vgpu_export_table(const char *name);
+CUresult vgpu_integrity_check(unsigned int version, uint64_t unix_seconds, uint64_t result[2]);
 
 /* ---- device.c: the snapshot taken at cuInit ------------------------------------------------ */
 

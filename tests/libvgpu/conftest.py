@@ -31,6 +31,7 @@ SANITIZED_RUNS = {
     "fork": [],
     "threads": [],
     "launch": ["{modules}"],
+    "procaddress": [],
 }
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
 
@@ -94,7 +95,7 @@ class Programs:
             compile_c(
                 [C_DIR / f"{name}.c"],
                 exe,
-                [f"-L{self.libdir}", f"-Wl,-rpath,{self.libdir}", "-lcuda"],
+                [f"-L{self.libdir}", f"-Wl,-rpath,{self.libdir}", "-lcuda", "-ldl"],
                 cflags=self.cflags,
             )
             self.built[name] = exe

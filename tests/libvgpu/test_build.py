@@ -11,8 +11,9 @@ from tests.libvgpu.conftest import bulk_wire_check
 # The CUDA driver API entry points libvgpu implements, by the names cuda.h 13 calls them and
 # the legacy/per-thread-stream names the real libcuda also exports with the same ABI.
 EXPORTS = {
-    # init, versions, errors
-    "cuInit", "cuDriverGetVersion", "cuGetErrorName", "cuGetErrorString",
+    # init, versions, errors, entry points and cudart's private tables
+    "cuInit", "cuDriverGetVersion", "cuGetErrorName", "cuGetErrorString", "cuGetProcAddress",
+    "cuGetProcAddress_v2", "cuGetExportTable",
     # devices (answered from the snapshot)
     "cuDeviceGet", "cuDeviceGetCount", "cuDeviceGetName", "cuDeviceGetUuid",
     "cuDeviceGetUuid_v2", "cuDeviceTotalMem_v2", "cuDeviceGetAttribute",

@@ -1,0 +1,194 @@
+/*
+ * cuGetProcAddress: how cudart, cuBLAS, PyTorch and cuda-python find driver entry points. They
+ * ask by base name ("cuMemAlloc") and the CUDA version whose ABI they were built for; the driver
+ * answers with the newest variant introduced no later than that version (cuMemAlloc at 3020 and
+ * up is cuMemAlloc_v2). With CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM the per-thread-stream
+ * variant (_ptds/_ptsz) is returned where one exists. The versions are those of the toolkit's
+ * cudaTypedefs.h (PFN_<name>_v<version>).
+ *
+ * A name or variant libvgpu does not implement is refused with CUDA_ERROR_NOT_FOUND and
+ * CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND, never an older variant of another ABI. cudart asks for
+ * every entry point it knows (about 450) at start-up, so the names refused are said on stderr,
+ * once each, only when VGPU_LOG_UNIMPLEMENTED=1: that shows what a failing program looked for.
+ */
+#include "vgpu.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct proc {
+    const char *name; /* base name */
+    int version;      /* CUDA version that introduced this variant */
+    void *fn;         /* its implementation */
+    void *ptds;       /* per-thread default stream variant, or NULL */
+};
+
+VGPU_API CUresult CUDAAPI vgpu_get_proc_address_v1(const char *symbol, void **pfn,
+                                                   int cudaVersion, cuuint64_t flags)
+    __asm__("cuGetProcAddress");
+
+#define P(name, version, fn) {#name, version, (void *)(fn), NULL}
+#define PT(name, version, fn, ptds) {#name, version, (void *)(fn), (void *)(ptds)}
+/* A variant libvgpu lacks: a caller asking for its version must not get an older ABI. */
+#define NONE(name, version) {#name, version, NULL, NULL}
+
+/* Rows of one name are consecutive and in increasing version. */
+static const struct proc table[] = {
+    P(cuInit, 2000, cuInit),
+    P(cuDriverGetVersion, 2020, cuDriverGetVersion),
+    P(cuGetErrorName, 6000, cuGetErrorName),
+    P(cuGetErrorString, 6000, cuGetErrorString),
+    P(cuGetProcAddress, 11030, vgpu_get_proc_address_v1),
+    P(cuGetProcAddress, 12000, cuGetProcAddress_v2),
+    P(cuGetExportTable, 3000, cuGetExportTable),
+    /* devices */
+    P(cuDeviceGet, 2000, cuDeviceGet),
+    P(cuDeviceGetCount, 2000, cuDeviceGetCount),
+    P(cuDeviceGetName, 2000, cuDeviceGetName),
+    P(cuDeviceGetUuid, 9020, cuDeviceGetUuid),
+    P(cuDeviceGetUuid, 11040, cuDeviceGetUuid_v2),
+    P(cuDeviceTotalMem, 3020, cuDeviceTotalMem_v2),
+    P(cuDeviceGetAttribute, 2000, cuDeviceGetAttribute),
+    /* contexts */
+    P(cuDevicePrimaryCtxRetain, 7000, cuDevicePrimaryCtxRetain),
+    P(cuDevicePrimaryCtxRelease, 7000, cuDevicePrimaryCtxRelease),
+    P(cuDevicePrimaryCtxRelease, 11000, cuDevicePrimaryCtxRelease_v2),
+    P(cuDevicePrimaryCtxGetState, 7000, cuDevicePrimaryCtxGetState),
+    P(cuCtxCreate, 3020, cuCtxCreate_v2),
+    NONE(cuCtxCreate, 11040),
+    P(cuCtxCreate, 12050, cuCtxCreate_v4),
+    P(cuCtxDestroy, 4000, cuCtxDestroy_v2),
+    P(cuCtxGetCurrent, 4000, cuCtxGetCurrent),
+    P(cuCtxSetCurrent, 4000, cuCtxSetCurrent),
+    P(cuCtxPushCurrent, 4000, cuCtxPushCurrent_v2),
+    P(cuCtxPopCurrent, 4000, cuCtxPopCurrent_v2),
+    P(cuCtxGetDevice, 2000, cuCtxGetDevice),
+    NONE(cuCtxGetDevice, 13000),
+    P(cuCtxSynchronize, 2000, cuCtxSynchronize),
+    NONE(cuCtxSynchronize, 13000),
+    /* memory */
+    P(cuMemGetInfo, 3020, cuMemGetInfo_v2),
+    P(cuMemAlloc, 3020, cuMemAlloc_v2),
+    P(cuMemFree, 3020, cuMemFree_v2),
+    P(cuMemGetAddressRange, 3020, cuMemGetAddressRange_v2),
+    PT(cuMemcpyHtoD, 3020, cuMemcpyHtoD_v2, cuMemcpyHtoD_v2_ptds),
+    PT(cuMemcpyDtoH, 3020, cuMemcpyDtoH_v2, cuMemcpyDtoH_v2_ptds),
+    PT(cuMemcpyDtoD, 3020, cuMemcpyDtoD_v2, cuMemcpyDtoD_v2_ptds),
+    PT(cuMemcpyHtoDAsync, 3020, cuMemcpyHtoDAsync_v2, cuMemcpyHtoDAsync_v2_ptsz),
+    PT(cuMemcpyDtoHAsync, 3020, cuMemcpyDtoHAsync_v2, cuMemcpyDtoHAsync_v2_ptsz),
+    PT(cuMemcpyDtoDAsync, 3020, cuMemcpyDtoDAsync_v2, cuMemcpyDtoDAsync_v2_ptsz),
+    PT(cuMemsetD8, 3020, cuMemsetD8_v2, cuMemsetD8_v2_ptds),
+    PT(cuMemsetD32, 3020, cuMemsetD32_v2, cuMemsetD32_v2_ptds),
+    PT(cuMemsetD8Async, 3020, cuMemsetD8Async, cuMemsetD8Async_ptsz),
+    PT(cuMemsetD32Async, 3020, cuMemsetD32Async, cuMemsetD32Async_ptsz),
+    P(cuPointerGetAttribute, 4000, cuPointerGetAttribute),
+    P(cuPointerGetAttributes, 7000, cuPointerGetAttributes),
+    /* modules, libraries, launches */
+    P(cuModuleLoad, 2000, cuModuleLoad),
+    P(cuModuleLoadData, 2000, cuModuleLoadData),
+    P(cuModuleLoadFatBinary, 2000, cuModuleLoadFatBinary),
+    P(cuModuleUnload, 2000, cuModuleUnload),
+    P(cuModuleGetFunction, 2000, cuModuleGetFunction),
+    P(cuFuncGetAttribute, 2020, cuFuncGetAttribute),
+    P(cuFuncGetParamInfo, 12040, cuFuncGetParamInfo),
+    PT(cuLaunchKernel, 4000, cuLaunchKernel, cuLaunchKernel_ptsz),
+    /* streams and events */
+    P(cuStreamCreate, 2000, cuStreamCreate),
+    P(cuStreamDestroy, 4000, cuStreamDestroy_v2),
+    PT(cuStreamSynchronize, 2000, cuStreamSynchronize, cuStreamSynchronize_ptsz),
+    PT(cuStreamQuery, 2000, cuStreamQuery, cuStreamQuery_ptsz),
+    PT(cuStreamWaitEvent, 3020, cuStreamWaitEvent, cuStreamWaitEvent_ptsz),
+    P(cuEventCreate, 2000, cuEventCreate),
+    PT(cuEventRecord, 2000, cuEventRecord, cuEventRecord_ptsz),
+    P(cuEventSynchronize, 2000, cuEventSynchronize),
+    P(cuEventQuery, 2000, cuEventQuery),
+    P(cuEventElapsedTime, 2000, cuEventElapsedTime),
+    P(cuEventElapsedTime, 12080, cuEventElapsedTime_v2),
+    P(cuEventDestroy, 4000, cuEventDestroy_v2),
+    /* inter-process sharing (gpu-proxy refuses it) */
+    P(cuIpcGetMemHandle, 4010, cuIpcGetMemHandle),
+    P(cuIpcOpenMemHandle, 4010, cuIpcOpenMemHandle),
+    P(cuIpcOpenMemHandle, 11000, cuIpcOpenMemHandle_v2),
+    P(cuIpcCloseMemHandle, 4010, cuIpcCloseMemHandle),
+    P(cuIpcGetEventHandle, 4010, cuIpcGetEventHandle),
+    P(cuIpcOpenEventHandle, 4010, cuIpcOpenEventHandle),
+};
+
+#define NPROCS (sizeof(table) / sizeof(table[0]))
+
+/* Names asked for and not found, each said once on stderr (when asked to). */
+static pthread_mutex_t missing_lock = PTHREAD_MUTEX_INITIALIZER;
+static char **missing;
+static size_t nmissing;
+
+static void report_missing(const char *symbol)
+{
+    const char *env = getenv("VGPU_LOG_UNIMPLEMENTED");
+    char **grown, *copy;
+
+    if (!env || strcmp(env, "1") != 0)
+        return;
+    pthread_mutex_lock(&missing_lock);
+    for (size_t i = 0; i < nmissing; i++) {
+        if (strcmp(missing[i], symbol) == 0) {
+            pthread_mutex_unlock(&missing_lock);
+            return;
+        }
+    }
+    grown = realloc(missing, (nmissing + 1) * sizeof(*missing));
+    copy = strdup(symbol);
+    if (grown)
+        missing = grown;
+    if (grown && copy)
+        missing[nmissing++] = copy;
+    else
+        free(copy);
+    pthread_mutex_unlock(&missing_lock);
+    vgpu_log("cuGetProcAddress: %s is not implemented", symbol);
+}
+
+VGPU_API CUresult CUDAAPI cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion,
+                                             cuuint64_t flags,
+                                             CUdriverProcAddressQueryResult *symbolStatus)
+{
+    const struct proc *best = NULL;
+    int known = 0;
+
+    if (symbolStatus)
+        *symbolStatus = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    if (!symbol || !pfn || cudaVersion > CUDA_VERSION ||
+        (flags & ~(cuuint64_t)(CU_GET_PROC_ADDRESS_LEGACY_STREAM |
+                               CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM)))
+        return CUDA_ERROR_INVALID_VALUE;
+    *pfn = NULL;
+    for (size_t i = 0; i < NPROCS; i++) {
+        if (strcmp(table[i].name, symbol) != 0)
+            continue;
+        known = 1;
+        if (table[i].version <= cudaVersion)
+            best = &table[i];
+    }
+    if (!best && known) {
+        if (symbolStatus)
+            *symbolStatus = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    if (!best || !best->fn) {
+        report_missing(symbol);
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    *pfn = (flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) && best->ptds ? best->ptds
+                                                                                  : best->fn;
+    if (symbolStatus)
+        *symbolStatus = CU_GET_PROC_ADDRESS_SUCCESS;
+    return CUDA_SUCCESS;
+}
+
+/* CUDA 11.3's cuGetProcAddress, without the status. Its exported name is cuGetProcAddress,
+ * which cuda.h declares with the 12.0 prototype, hence the C name. */
+CUresult CUDAAPI vgpu_get_proc_address_v1(const char *symbol, void **pfn, int cudaVersion,
+                                          cuuint64_t flags)
+{
+    return cuGetProcAddress_v2(symbol, pfn, cudaVersion, flags, NULL);
+}
