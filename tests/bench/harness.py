@@ -2,10 +2,12 @@
 host and the C clients to separate CPUs, and reporting figures against goals (never asserting
 them: these machines are too noisy for thresholds)."""
 
+import argparse
 import contextlib
+import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,28 @@ def print_goals(report: Mapping[str, Mapping[str, Any]]) -> None:
     for name, g in report.items():
         verdict = "met" if g["met"] else "MISSED"
         print(f"  {name:<40} {g['value']:>14,.3f}  goal {g['goal']:<12} {verdict}")
+
+
+def figures_main(
+    argv: list[str] | None,
+    *,
+    title: str,
+    description: str,
+    default_out: Path,
+    measure: Callable[[bool], dict[str, Any]],
+) -> int:
+    """The command line of a benchmark whose result is flat figures and goals: --quick and
+    --out, then the JSON file, the figures and the goals on stdout."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke)")
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON results file")
+    args = parser.parse_args(argv)
+    result = measure(args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{title} ({'quick' if args.quick else 'full'} run)")
+    for name, value in result["figures"].items():
+        print(f"  {name:<40} {value:>14,.3f}")
+    print_goals(result["goals"])
+    print(f"results: {args.out}")
+    return 0

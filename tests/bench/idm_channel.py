@@ -9,7 +9,6 @@ The C side is tests/bench/c/idm_bench.c, linked with the same idm/csrc files lib
 Results: results/bench/idm_channel.json.
 """
 
-import argparse
 import contextlib
 import json
 import socket
@@ -29,10 +28,10 @@ from tests.bench.harness import (
     ROOT,
     build_c,
     cpus_env,
+    figures_main,
     goal_report,
     pick_cpus,
     pinned_host,
-    print_goals,
 )
 
 DRIVER_SRC = C_DIR / "idm_bench.c"
@@ -162,19 +161,13 @@ def measure(quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (demo, smoke)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
-    args = parser.parse_args(argv)
-    result = measure(args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"IDM channel benchmark ({'quick' if args.quick else 'full'} run)")
-    for name, value in result["figures"].items():
-        print(f"  {name:<40} {value:>14,.3f}")
-    print_goals(result["goals"])
-    print(f"results: {args.out}")
-    return 0
+    return figures_main(
+        argv,
+        title="IDM channel benchmark",
+        description=__doc__.splitlines()[0],
+        default_out=RESULTS,
+        measure=measure,
+    )
 
 
 if __name__ == "__main__":

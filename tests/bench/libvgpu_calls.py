@@ -13,7 +13,6 @@ bookkeeping and marshalling, gpu-proxy's decoding, checks and dispatch, and the 
 Results: results/bench/libvgpu_calls.json.
 """
 
-import argparse
 import json
 import subprocess
 import sys
@@ -32,10 +31,10 @@ from tests.bench.harness import (
     ROOT,
     build_c,
     cpus_env,
+    figures_main,
     goal_report,
     pick_cpus,
     pinned_host,
-    print_goals,
 )
 from tests.bench.idm_channel import python_host, run_driver
 from tests.nvcc import build_modules
@@ -134,19 +133,13 @@ def measure(quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
-    args = parser.parse_args(argv)
-    result = measure(args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"libvgpu benchmark ({'quick' if args.quick else 'full'} run)")
-    for name, value in result["figures"].items():
-        print(f"  {name:<40} {value:>14,.3f}")
-    print_goals(result["goals"])
-    print(f"results: {args.out}")
-    return 0
+    return figures_main(
+        argv,
+        title="libvgpu benchmark",
+        description=__doc__.splitlines()[0],
+        default_out=RESULTS,
+        measure=measure,
+    )
 
 
 if __name__ == "__main__":
