@@ -50,7 +50,8 @@ _UUID_NAMESPACE = uuid.UUID("5b0d7a52-61c1-4b8e-9c8e-2f4f3c6a0e11")
 
 
 class Attr(enum.IntEnum):
-    """CUdevice_attribute numbers as in cuda.h (only those the sim reports)."""
+    """CUdevice_attribute as in CUDA 13's cuda.h: every number once (where cuda.h has a
+    deprecated alias for a number, the current name)."""
 
     MAX_THREADS_PER_BLOCK = 1
     MAX_BLOCK_DIM_X = 2
@@ -66,29 +67,154 @@ class Attr(enum.IntEnum):
     MAX_REGISTERS_PER_BLOCK = 12
     CLOCK_RATE = 13
     TEXTURE_ALIGNMENT = 14
+    GPU_OVERLAP = 15
     MULTIPROCESSOR_COUNT = 16
     KERNEL_EXEC_TIMEOUT = 17
     INTEGRATED = 18
+    CAN_MAP_HOST_MEMORY = 19
     COMPUTE_MODE = 20
+    MAXIMUM_TEXTURE1D_WIDTH = 21
+    MAXIMUM_TEXTURE2D_WIDTH = 22
+    MAXIMUM_TEXTURE2D_HEIGHT = 23
+    MAXIMUM_TEXTURE3D_WIDTH = 24
+    MAXIMUM_TEXTURE3D_HEIGHT = 25
+    MAXIMUM_TEXTURE3D_DEPTH = 26
+    MAXIMUM_TEXTURE2D_LAYERED_WIDTH = 27
+    MAXIMUM_TEXTURE2D_LAYERED_HEIGHT = 28
+    MAXIMUM_TEXTURE2D_LAYERED_LAYERS = 29
+    SURFACE_ALIGNMENT = 30
     CONCURRENT_KERNELS = 31
     ECC_ENABLED = 32
+    PCI_BUS_ID = 33
+    PCI_DEVICE_ID = 34
+    TCC_DRIVER = 35
     MEMORY_CLOCK_RATE = 36
     GLOBAL_MEMORY_BUS_WIDTH = 37
     L2_CACHE_SIZE = 38
     MAX_THREADS_PER_MULTIPROCESSOR = 39
+    ASYNC_ENGINE_COUNT = 40
     UNIFIED_ADDRESSING = 41
+    MAXIMUM_TEXTURE1D_LAYERED_WIDTH = 42
+    MAXIMUM_TEXTURE1D_LAYERED_LAYERS = 43
+    CAN_TEX2D_GATHER = 44
+    MAXIMUM_TEXTURE2D_GATHER_WIDTH = 45
+    MAXIMUM_TEXTURE2D_GATHER_HEIGHT = 46
+    MAXIMUM_TEXTURE3D_WIDTH_ALTERNATE = 47
+    MAXIMUM_TEXTURE3D_HEIGHT_ALTERNATE = 48
+    MAXIMUM_TEXTURE3D_DEPTH_ALTERNATE = 49
+    PCI_DOMAIN_ID = 50
+    TEXTURE_PITCH_ALIGNMENT = 51
+    MAXIMUM_TEXTURECUBEMAP_WIDTH = 52
+    MAXIMUM_TEXTURECUBEMAP_LAYERED_WIDTH = 53
+    MAXIMUM_TEXTURECUBEMAP_LAYERED_LAYERS = 54
+    MAXIMUM_SURFACE1D_WIDTH = 55
+    MAXIMUM_SURFACE2D_WIDTH = 56
+    MAXIMUM_SURFACE2D_HEIGHT = 57
+    MAXIMUM_SURFACE3D_WIDTH = 58
+    MAXIMUM_SURFACE3D_HEIGHT = 59
+    MAXIMUM_SURFACE3D_DEPTH = 60
+    MAXIMUM_SURFACE1D_LAYERED_WIDTH = 61
+    MAXIMUM_SURFACE1D_LAYERED_LAYERS = 62
+    MAXIMUM_SURFACE2D_LAYERED_WIDTH = 63
+    MAXIMUM_SURFACE2D_LAYERED_HEIGHT = 64
+    MAXIMUM_SURFACE2D_LAYERED_LAYERS = 65
+    MAXIMUM_SURFACECUBEMAP_WIDTH = 66
+    MAXIMUM_SURFACECUBEMAP_LAYERED_WIDTH = 67
+    MAXIMUM_SURFACECUBEMAP_LAYERED_LAYERS = 68
+    MAXIMUM_TEXTURE1D_LINEAR_WIDTH = 69
+    MAXIMUM_TEXTURE2D_LINEAR_WIDTH = 70
+    MAXIMUM_TEXTURE2D_LINEAR_HEIGHT = 71
+    MAXIMUM_TEXTURE2D_LINEAR_PITCH = 72
+    MAXIMUM_TEXTURE2D_MIPMAPPED_WIDTH = 73
+    MAXIMUM_TEXTURE2D_MIPMAPPED_HEIGHT = 74
     COMPUTE_CAPABILITY_MAJOR = 75
     COMPUTE_CAPABILITY_MINOR = 76
+    MAXIMUM_TEXTURE1D_MIPMAPPED_WIDTH = 77
+    STREAM_PRIORITIES_SUPPORTED = 78
+    GLOBAL_L1_CACHE_SUPPORTED = 79
+    LOCAL_L1_CACHE_SUPPORTED = 80
     MAX_SHARED_MEMORY_PER_MULTIPROCESSOR = 81
     MAX_REGISTERS_PER_MULTIPROCESSOR = 82
+    MANAGED_MEMORY = 83
+    MULTI_GPU_BOARD = 84
+    MULTI_GPU_BOARD_GROUP_ID = 85
+    HOST_NATIVE_ATOMIC_SUPPORTED = 86
+    SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO = 87
+    PAGEABLE_MEMORY_ACCESS = 88
+    CONCURRENT_MANAGED_ACCESS = 89
+    COMPUTE_PREEMPTION_SUPPORTED = 90
+    CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91
+    CAN_USE_STREAM_MEM_OPS_V1 = 92
+    CAN_USE_64_BIT_STREAM_MEM_OPS_V1 = 93
+    CAN_USE_STREAM_WAIT_VALUE_NOR_V1 = 94
+    COOPERATIVE_LAUNCH = 95
+    COOPERATIVE_MULTI_DEVICE_LAUNCH = 96
     MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+    CAN_FLUSH_REMOTE_WRITES = 98
+    HOST_REGISTER_SUPPORTED = 99
+    PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES = 100
+    DIRECT_MANAGED_MEM_ACCESS_FROM_HOST = 101
+    VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102
+    HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED = 103
+    HANDLE_TYPE_WIN32_HANDLE_SUPPORTED = 104
+    HANDLE_TYPE_WIN32_KMT_HANDLE_SUPPORTED = 105
     MAX_BLOCKS_PER_MULTIPROCESSOR = 106
+    GENERIC_COMPRESSION_SUPPORTED = 107
+    MAX_PERSISTING_L2_CACHE_SIZE = 108
+    MAX_ACCESS_POLICY_WINDOW_SIZE = 109
+    GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED = 110
     RESERVED_SHARED_MEMORY_PER_BLOCK = 111
+    SPARSE_CUDA_ARRAY_SUPPORTED = 112
+    READ_ONLY_HOST_REGISTER_SUPPORTED = 113
+    TIMELINE_SEMAPHORE_INTEROP_SUPPORTED = 114
+    MEMORY_POOLS_SUPPORTED = 115
+    GPU_DIRECT_RDMA_SUPPORTED = 116
+    GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS = 117
+    GPU_DIRECT_RDMA_WRITES_ORDERING = 118
+    MEMPOOL_SUPPORTED_HANDLE_TYPES = 119
+    CLUSTER_LAUNCH = 120
+    DEFERRED_MAPPING_CUDA_ARRAY_SUPPORTED = 121
+    CAN_USE_64_BIT_STREAM_MEM_OPS = 122
+    CAN_USE_STREAM_WAIT_VALUE_NOR = 123
+    DMA_BUF_SUPPORTED = 124
+    IPC_EVENT_SUPPORTED = 125
+    MEM_SYNC_DOMAIN_COUNT = 126
+    TENSOR_MAP_ACCESS_SUPPORTED = 127
+    HANDLE_TYPE_FABRIC_SUPPORTED = 128
+    UNIFIED_FUNCTION_POINTERS = 129
+    NUMA_CONFIG = 130
+    NUMA_ID = 131
+    MULTICAST_SUPPORTED = 132
+    MPS_ENABLED = 133
+    HOST_NUMA_ID = 134
+    D3D12_CIG_SUPPORTED = 135
+    MEM_DECOMPRESS_ALGORITHM_MASK = 136
+    MEM_DECOMPRESS_MAXIMUM_LENGTH = 137
+    VULKAN_CIG_SUPPORTED = 138
+    GPU_PCI_DEVICE_ID = 139
+    GPU_PCI_SUBSYSTEM_ID = 140
+    HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 141
+    HOST_NUMA_MEMORY_POOLS_SUPPORTED = 142
+    HOST_NUMA_MULTINODE_IPC_SUPPORTED = 143
+    HOST_MEMORY_POOLS_SUPPORTED = 144
+    HOST_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 145
+    HOST_ALLOC_DMA_BUF_SUPPORTED = 146
+    ONLY_PARTIAL_HOST_NATIVE_ATOMIC_SUPPORTED = 147
+
+
+# PCI identity: vendor 0x10de (NVIDIA); a fixed, plausible slot (domain 0, bus 0x1b, device 0).
+_NVIDIA = 0x10DE
+_PCI_BUS = 0x1B
+# CUflushGPUDirectRDMAWritesOptions: CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST.
+_RDMA_FLUSH_HOST = 1
+# CUmemAllocationHandleType: CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR.
+_HANDLE_POSIX_FD = 1
 
 
 @dataclass(frozen=True)
 class GpuModel:
-    """The published properties of one GPU model; limits shared by cc 8.x/9.x are defaults."""
+    """The published properties of one GPU model (NVIDIA's specifications and what the
+    driver reports for it, as deviceQuery prints); limits shared by cc 8.x/9.x are defaults."""
 
     name: str
     compute_capability: tuple[int, int]
@@ -99,6 +225,8 @@ class GpuModel:
     l2_bytes: int
     shared_per_sm: int
     shared_per_block_optin: int
+    pci_device_id: int  # the PCI device id (lspci's 10de:XXXX)
+    pci_subsystem_id: int  # the board's PCI subsystem id (subsystem vendor is NVIDIA)
     bus_width_bits: int = 5120
     max_threads_per_block: int = 1024
     max_block: tuple[int, int, int] = (1024, 1024, 64)
@@ -106,6 +234,7 @@ class GpuModel:
     shared_per_block: int = 48 << 10
     constant_mem: int = 64 << 10
     warp_size: int = 32
+    copy_engines: int = 3
 
     @property
     def arch(self) -> int:
@@ -113,7 +242,9 @@ class GpuModel:
         return self.compute_capability[0] * 10 + self.compute_capability[1]
 
     def attributes(self) -> dict[int, int]:
-        """Every attribute the sim reports, keyed by CUdevice_attribute number."""
+        """Every CUdevice_attribute of CUDA 13, keyed by number."""
+        hopper = int(self.compute_capability[0] >= 9)  # thread block clusters, TMA, domains
+        t2d, t3d, layered, layers = (131072, 65536), 16384, 32768, 2048
         values = {
             Attr.MAX_THREADS_PER_BLOCK: self.max_threads_per_block,
             Attr.MAX_BLOCK_DIM_X: self.max_block[0],
@@ -129,24 +260,139 @@ class GpuModel:
             Attr.MAX_REGISTERS_PER_BLOCK: 65536,
             Attr.CLOCK_RATE: self.clock_khz,
             Attr.TEXTURE_ALIGNMENT: 512,
+            Attr.GPU_OVERLAP: 1,
             Attr.MULTIPROCESSOR_COUNT: self.sm_count,
             Attr.KERNEL_EXEC_TIMEOUT: 0,
             Attr.INTEGRATED: 0,
-            Attr.COMPUTE_MODE: 0,
+            Attr.CAN_MAP_HOST_MEMORY: 1,
+            Attr.COMPUTE_MODE: 0,  # CU_COMPUTEMODE_DEFAULT
+            Attr.MAXIMUM_TEXTURE1D_WIDTH: t2d[0],
+            Attr.MAXIMUM_TEXTURE2D_WIDTH: t2d[0],
+            Attr.MAXIMUM_TEXTURE2D_HEIGHT: t2d[1],
+            Attr.MAXIMUM_TEXTURE3D_WIDTH: t3d,
+            Attr.MAXIMUM_TEXTURE3D_HEIGHT: t3d,
+            Attr.MAXIMUM_TEXTURE3D_DEPTH: t3d,
+            Attr.MAXIMUM_TEXTURE2D_LAYERED_WIDTH: layered,
+            Attr.MAXIMUM_TEXTURE2D_LAYERED_HEIGHT: layered,
+            Attr.MAXIMUM_TEXTURE2D_LAYERED_LAYERS: layers,
+            Attr.SURFACE_ALIGNMENT: 512,
             Attr.CONCURRENT_KERNELS: 1,
             Attr.ECC_ENABLED: 1,
+            Attr.PCI_BUS_ID: _PCI_BUS,
+            Attr.PCI_DEVICE_ID: 0,
+            Attr.TCC_DRIVER: 0,
             Attr.MEMORY_CLOCK_RATE: self.mem_clock_khz,
             Attr.GLOBAL_MEMORY_BUS_WIDTH: self.bus_width_bits,
             Attr.L2_CACHE_SIZE: self.l2_bytes,
             Attr.MAX_THREADS_PER_MULTIPROCESSOR: 2048,
+            Attr.ASYNC_ENGINE_COUNT: self.copy_engines,
             Attr.UNIFIED_ADDRESSING: 1,
+            Attr.MAXIMUM_TEXTURE1D_LAYERED_WIDTH: layered,
+            Attr.MAXIMUM_TEXTURE1D_LAYERED_LAYERS: layers,
+            Attr.CAN_TEX2D_GATHER: 1,
+            Attr.MAXIMUM_TEXTURE2D_GATHER_WIDTH: layered,
+            Attr.MAXIMUM_TEXTURE2D_GATHER_HEIGHT: layered,
+            Attr.MAXIMUM_TEXTURE3D_WIDTH_ALTERNATE: 8192,
+            Attr.MAXIMUM_TEXTURE3D_HEIGHT_ALTERNATE: 8192,
+            Attr.MAXIMUM_TEXTURE3D_DEPTH_ALTERNATE: 32768,
+            Attr.PCI_DOMAIN_ID: 0,
+            Attr.TEXTURE_PITCH_ALIGNMENT: 32,
+            Attr.MAXIMUM_TEXTURECUBEMAP_WIDTH: layered,
+            Attr.MAXIMUM_TEXTURECUBEMAP_LAYERED_WIDTH: layered,
+            Attr.MAXIMUM_TEXTURECUBEMAP_LAYERED_LAYERS: 2046,
+            Attr.MAXIMUM_SURFACE1D_WIDTH: layered,
+            Attr.MAXIMUM_SURFACE2D_WIDTH: t2d[0],
+            Attr.MAXIMUM_SURFACE2D_HEIGHT: t2d[1],
+            Attr.MAXIMUM_SURFACE3D_WIDTH: t3d,
+            Attr.MAXIMUM_SURFACE3D_HEIGHT: t3d,
+            Attr.MAXIMUM_SURFACE3D_DEPTH: t3d,
+            Attr.MAXIMUM_SURFACE1D_LAYERED_WIDTH: layered,
+            Attr.MAXIMUM_SURFACE1D_LAYERED_LAYERS: layers,
+            Attr.MAXIMUM_SURFACE2D_LAYERED_WIDTH: layered,
+            Attr.MAXIMUM_SURFACE2D_LAYERED_HEIGHT: layered,
+            Attr.MAXIMUM_SURFACE2D_LAYERED_LAYERS: layers,
+            Attr.MAXIMUM_SURFACECUBEMAP_WIDTH: layered,
+            Attr.MAXIMUM_SURFACECUBEMAP_LAYERED_WIDTH: layered,
+            Attr.MAXIMUM_SURFACECUBEMAP_LAYERED_LAYERS: 2046,
+            Attr.MAXIMUM_TEXTURE1D_LINEAR_WIDTH: 1 << 28,
+            Attr.MAXIMUM_TEXTURE2D_LINEAR_WIDTH: t2d[0],
+            Attr.MAXIMUM_TEXTURE2D_LINEAR_HEIGHT: 65000,
+            Attr.MAXIMUM_TEXTURE2D_LINEAR_PITCH: (2 << 20) - 32,
+            Attr.MAXIMUM_TEXTURE2D_MIPMAPPED_WIDTH: layered,
+            Attr.MAXIMUM_TEXTURE2D_MIPMAPPED_HEIGHT: layered,
             Attr.COMPUTE_CAPABILITY_MAJOR: self.compute_capability[0],
             Attr.COMPUTE_CAPABILITY_MINOR: self.compute_capability[1],
+            Attr.MAXIMUM_TEXTURE1D_MIPMAPPED_WIDTH: layered,
+            Attr.STREAM_PRIORITIES_SUPPORTED: 1,
+            Attr.GLOBAL_L1_CACHE_SUPPORTED: 1,
+            Attr.LOCAL_L1_CACHE_SUPPORTED: 1,
             Attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: self.shared_per_sm,
             Attr.MAX_REGISTERS_PER_MULTIPROCESSOR: 65536,
+            Attr.MANAGED_MEMORY: 1,
+            Attr.MULTI_GPU_BOARD: 0,
+            Attr.MULTI_GPU_BOARD_GROUP_ID: 0,
+            Attr.HOST_NATIVE_ATOMIC_SUPPORTED: 0,  # PCIe to an x86 host
+            Attr.SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO: 2,
+            Attr.PAGEABLE_MEMORY_ACCESS: 0,
+            Attr.CONCURRENT_MANAGED_ACCESS: 1,
+            Attr.COMPUTE_PREEMPTION_SUPPORTED: 1,
+            Attr.CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM: 1,
+            Attr.CAN_USE_STREAM_MEM_OPS_V1: 1,
+            Attr.CAN_USE_64_BIT_STREAM_MEM_OPS_V1: 1,
+            Attr.CAN_USE_STREAM_WAIT_VALUE_NOR_V1: 1,
+            Attr.COOPERATIVE_LAUNCH: 1,
+            Attr.COOPERATIVE_MULTI_DEVICE_LAUNCH: 1,
             Attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: self.shared_per_block_optin,
+            Attr.CAN_FLUSH_REMOTE_WRITES: 0,
+            Attr.HOST_REGISTER_SUPPORTED: 1,
+            Attr.PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES: 0,
+            Attr.DIRECT_MANAGED_MEM_ACCESS_FROM_HOST: 0,
+            Attr.VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: 1,
+            Attr.HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED: 1,
+            Attr.HANDLE_TYPE_WIN32_HANDLE_SUPPORTED: 0,
+            Attr.HANDLE_TYPE_WIN32_KMT_HANDLE_SUPPORTED: 0,
             Attr.MAX_BLOCKS_PER_MULTIPROCESSOR: 32,
+            Attr.GENERIC_COMPRESSION_SUPPORTED: 1,
+            Attr.MAX_PERSISTING_L2_CACHE_SIZE: self.l2_bytes * 3 // 4,  # set-aside: 75% of L2
+            Attr.MAX_ACCESS_POLICY_WINDOW_SIZE: (128 << 20) - (4 << 10),
+            Attr.GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED: 1,
             Attr.RESERVED_SHARED_MEMORY_PER_BLOCK: 1024,
+            Attr.SPARSE_CUDA_ARRAY_SUPPORTED: 1,
+            Attr.READ_ONLY_HOST_REGISTER_SUPPORTED: 1,
+            Attr.TIMELINE_SEMAPHORE_INTEROP_SUPPORTED: 1,
+            Attr.MEMORY_POOLS_SUPPORTED: 1,
+            Attr.GPU_DIRECT_RDMA_SUPPORTED: 1,
+            Attr.GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS: _RDMA_FLUSH_HOST,
+            Attr.GPU_DIRECT_RDMA_WRITES_ORDERING: 0,
+            Attr.MEMPOOL_SUPPORTED_HANDLE_TYPES: _HANDLE_POSIX_FD,
+            Attr.CLUSTER_LAUNCH: hopper,
+            Attr.DEFERRED_MAPPING_CUDA_ARRAY_SUPPORTED: 1,
+            Attr.CAN_USE_64_BIT_STREAM_MEM_OPS: 1,
+            Attr.CAN_USE_STREAM_WAIT_VALUE_NOR: 1,
+            Attr.DMA_BUF_SUPPORTED: 1,
+            Attr.IPC_EVENT_SUPPORTED: 1,
+            Attr.MEM_SYNC_DOMAIN_COUNT: 4 if hopper else 1,
+            Attr.TENSOR_MAP_ACCESS_SUPPORTED: hopper,
+            Attr.HANDLE_TYPE_FABRIC_SUPPORTED: 0,
+            Attr.UNIFIED_FUNCTION_POINTERS: 0,
+            Attr.NUMA_CONFIG: 0,  # CU_DEVICE_NUMA_CONFIG_NONE
+            Attr.NUMA_ID: -1,
+            Attr.MULTICAST_SUPPORTED: 0,
+            Attr.MPS_ENABLED: 0,
+            Attr.HOST_NUMA_ID: 0,
+            Attr.D3D12_CIG_SUPPORTED: 0,
+            Attr.MEM_DECOMPRESS_ALGORITHM_MASK: 0,  # decompression engines came with Blackwell
+            Attr.MEM_DECOMPRESS_MAXIMUM_LENGTH: 0,
+            Attr.VULKAN_CIG_SUPPORTED: 0,
+            Attr.GPU_PCI_DEVICE_ID: self.pci_device_id << 16 | _NVIDIA,
+            Attr.GPU_PCI_SUBSYSTEM_ID: self.pci_subsystem_id << 16 | _NVIDIA,
+            Attr.HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: 0,
+            Attr.HOST_NUMA_MEMORY_POOLS_SUPPORTED: 0,
+            Attr.HOST_NUMA_MULTINODE_IPC_SUPPORTED: 0,
+            Attr.HOST_MEMORY_POOLS_SUPPORTED: 0,
+            Attr.HOST_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: 0,
+            Attr.HOST_ALLOC_DMA_BUF_SUPPORTED: 0,
+            Attr.ONLY_PARTIAL_HOST_NATIVE_ATOMIC_SUPPORTED: 0,
         }
         return {int(k): v for k, v in values.items()}
 
@@ -162,6 +408,8 @@ MODELS: Mapping[str, GpuModel] = {
         l2_bytes=50 << 20,
         shared_per_sm=228 << 10,
         shared_per_block_optin=227 << 10,
+        pci_device_id=0x2330,
+        pci_subsystem_id=0x16C1,
     ),
     "A100-SXM4-40GB": GpuModel(
         name="NVIDIA A100-SXM4-40GB",
@@ -173,6 +421,8 @@ MODELS: Mapping[str, GpuModel] = {
         l2_bytes=40 << 20,
         shared_per_sm=164 << 10,
         shared_per_block_optin=163 << 10,
+        pci_device_id=0x20B0,
+        pci_subsystem_id=0x134F,
     ),
 }
 

@@ -106,6 +106,8 @@ static void release_remote(struct vgpu_object *obj)
         break;
     case VGPU_KIND_CONTEXT:
     case VGPU_KIND_FUNCTION: /* functions go with their module */
+    case VGPU_KIND_LIBRARY:  /* libraries and their kernels belong to no context */
+    case VGPU_KIND_KERNEL:
         break;
     }
     if (n >= 0) {
@@ -244,6 +246,27 @@ VGPU_API CUresult CUDAAPI cuCtxSynchronize(void)
     if (r)
         return r;
     return vgpu_call(VGPU_OP_cuCtxSynchronize, NULL, 0, rep, sizeof(rep), &len);
+}
+
+/* ctx, or the current context when ctx is NULL, if it is usable; its device in *device. */
+CUresult vgpu_context_or_current(CUcontext ctx, CUdevice *device)
+{
+    CUresult r;
+    struct CUctx_st *c;
+
+    if (!ctx)
+        return vgpu_current_context(&ctx, device);
+    r = vgpu_require_init();
+    if (r)
+        return r;
+    vgpu_lock();
+    c = live(ctx);
+    if (c && (!c->primary || c->retained > 0))
+        *device = c->device;
+    else
+        r = CUDA_ERROR_INVALID_CONTEXT;
+    vgpu_unlock();
+    return r;
 }
 
 /* ---- created contexts ----------------------------------------------------------------------- */

@@ -99,7 +99,9 @@ VGPU_API CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gridDimX,
     if (!gridDimX || !gridDimY || !gridDimZ || !blockDimX || !blockDimY || !blockDimZ ||
         (kernelParams && extra))
         return CUDA_ERROR_INVALID_VALUE;
-    r = vgpu_stream_id(hStream, &stream);
+    r = vgpu_kernel_function(&f);
+    if (!r)
+        r = vgpu_stream_id(hStream, &stream);
     if (!r && extra)
         r = parse_extra(extra, &extra_buf, &nbytes);
     if (r)

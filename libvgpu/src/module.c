@@ -119,10 +119,11 @@ VGPU_API CUresult CUDAAPI cuModuleLoadData(CUmodule *module, const void *image)
     return CUDA_SUCCESS;
 }
 
-/* The fatbin is passed as is; gpu-proxy picks the entry for its GPU. */
+/* The fatbin (or the wrapper nvcc embeds around it) is passed as is; gpu-proxy picks the entry
+ * for its GPU. */
 VGPU_API CUresult CUDAAPI cuModuleLoadFatBinary(CUmodule *module, const void *fatCubin)
 {
-    return cuModuleLoadData(module, fatCubin);
+    return cuModuleLoadData(module, vgpu_image_unwrap(fatCubin));
 }
 
 VGPU_API CUresult CUDAAPI cuModuleLoad(CUmodule *module, const char *fname)

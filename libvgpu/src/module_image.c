@@ -104,6 +104,22 @@ static int elf_size(const uint8_t *p, size_t *size, char *why, size_t why_len)
     return 0;
 }
 
+/* What nvcc embeds in a program and cudart registers: {magic, version, the fatbin, ...}. */
+struct fatbin_wrapper {
+    uint32_t magic;
+    uint32_t version;
+    const void *data;
+    const void *filenames;
+};
+
+#define FATBIN_WRAPPER_MAGIC 0x466243B1u
+
+const void *vgpu_image_unwrap(const void *image)
+{
+    const struct fatbin_wrapper *w = image;
+    return image && w->magic == FATBIN_WRAPPER_MAGIC ? w->data : image;
+}
+
 int vgpu_image_size(const void *image, size_t *size, char *why, size_t why_len)
 {
     const uint8_t *p = image;

@@ -13,7 +13,12 @@
 struct CUstream_st {
     struct vgpu_object obj;
     unsigned int flags;
+    int priority; /* kept here: the call table's cuStreamCreate carries no priority */
 };
+
+/* The range the real driver reports for cc 7.0 and later; lower numbers are higher priorities. */
+#define LEAST_PRIORITY 0
+#define GREATEST_PRIORITY (-5)
 
 static int is_default(CUstream stream)
 {
@@ -42,7 +47,9 @@ static void free_stream(struct vgpu_object *obj)
     free(obj);
 }
 
-VGPU_API CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags)
+/* A priority outside the range is clamped to it, as the driver does. */
+VGPU_API CUresult CUDAAPI cuStreamCreateWithPriority(CUstream *phStream, unsigned int Flags,
+                                                     int priority)
 {
     uint8_t req[8], rep[8];
     size_t len;
@@ -66,6 +73,9 @@ VGPU_API CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags)
     if (s) {
         s->obj = (struct vgpu_object){VGPU_KIND_STREAM, id, ctx, free_stream};
         s->flags = Flags;
+        s->priority = priority > LEAST_PRIORITY      ? LEAST_PRIORITY
+                      : priority < GREATEST_PRIORITY ? GREATEST_PRIORITY
+                                                     : priority;
         vgpu_lock();
         if (vgpu_objects_add(&s->obj)) {
             free(s);
@@ -81,6 +91,90 @@ VGPU_API CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags)
     *phStream = s;
     return CUDA_SUCCESS;
 }
+
+VGPU_API CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags)
+{
+    return cuStreamCreateWithPriority(phStream, Flags, LEAST_PRIORITY);
+}
+
+VGPU_API CUresult CUDAAPI cuCtxGetStreamPriorityRange(int *leastPriority, int *greatestPriority)
+{
+    CUcontext ctx;
+    CUresult r = vgpu_current_context(&ctx, NULL);
+
+    if (r)
+        return r;
+    if (leastPriority)
+        *leastPriority = LEAST_PRIORITY;
+    if (greatestPriority)
+        *greatestPriority = GREATEST_PRIORITY;
+    return CUDA_SUCCESS;
+}
+
+/* What the stream was created with; the default streams have flags 0 and the lowest priority. */
+static CUresult created_with(CUstream stream, unsigned int *flags, int *priority, CUcontext *ctx)
+{
+    struct CUstream_st *s;
+    CUcontext current;
+    CUresult r = vgpu_current_context(&current, NULL);
+
+    if (r)
+        return r;
+    if (is_default(stream)) {
+        *flags = 0;
+        *priority = LEAST_PRIORITY;
+        *ctx = current;
+        return CUDA_SUCCESS;
+    }
+    vgpu_lock();
+    s = (struct CUstream_st *)vgpu_objects_find(stream, VGPU_KIND_STREAM);
+    if (s) {
+        *flags = s->flags;
+        *priority = s->priority;
+        *ctx = s->obj.ctx;
+    }
+    vgpu_unlock();
+    return s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+VGPU_API CUresult CUDAAPI cuStreamGetPriority(CUstream hStream, int *priority)
+{
+    unsigned int flags;
+    CUcontext ctx;
+
+    if (!priority)
+        return CUDA_ERROR_INVALID_VALUE;
+    return created_with(hStream, &flags, priority, &ctx);
+}
+
+CUresult CUDAAPI cuStreamGetPriority_ptsz(CUstream hStream, int *priority)
+    VGPU_ALIAS(cuStreamGetPriority);
+
+VGPU_API CUresult CUDAAPI cuStreamGetFlags(CUstream hStream, unsigned int *flags)
+{
+    int priority;
+    CUcontext ctx;
+
+    if (!flags)
+        return CUDA_ERROR_INVALID_VALUE;
+    return created_with(hStream, flags, &priority, &ctx);
+}
+
+CUresult CUDAAPI cuStreamGetFlags_ptsz(CUstream hStream, unsigned int *flags)
+    VGPU_ALIAS(cuStreamGetFlags);
+
+VGPU_API CUresult CUDAAPI cuStreamGetCtx(CUstream hStream, CUcontext *pctx)
+{
+    unsigned int flags;
+    int priority;
+
+    if (!pctx)
+        return CUDA_ERROR_INVALID_VALUE;
+    return created_with(hStream, &flags, &priority, pctx);
+}
+
+CUresult CUDAAPI cuStreamGetCtx_ptsz(CUstream hStream, CUcontext *pctx)
+    VGPU_ALIAS(cuStreamGetCtx);
 
 VGPU_API CUresult CUDAAPI cuStreamDestroy_v2(CUstream hStream)
 {

@@ -89,6 +89,8 @@ enum vgpu_kind {
     VGPU_KIND_FUNCTION,
     VGPU_KIND_STREAM,
     VGPU_KIND_EVENT,
+    VGPU_KIND_LIBRARY, /* no gpu-proxy id: a library lives in libvgpu (library.c) */
+    VGPU_KIND_KERNEL,
 };
 
 /* First member of every CUDA handle libvgpu hands out (struct CUctx_st, CUmod_st, ...). */
@@ -149,6 +151,8 @@ struct CUctx_st {
  * destroyed by another thread as soon as this returns: keep its handle, never dereference it. */
 CUresult vgpu_current_context(CUcontext *ctx, CUdevice *device);
 void vgpu_contexts_reset(void);
+/* ctx, or the current context when ctx is NULL, if it is usable; its device in *device. */
+CUresult vgpu_context_or_current(CUcontext ctx, CUdevice *device);
 
 /* A device's primary context, retained or not (cudart's private interface). */
 CUresult vgpu_primary_context(CUcontext *pctx, CUdevice dev);
@@ -206,6 +210,9 @@ struct vgpu_kernels {
     char why[256];
 };
 
+/* The fatbin a fatbin wrapper (nvcc's embedded __fatBinC_Wrapper_t) points to; any other image
+ * as it is. */
+const void *vgpu_image_unwrap(const void *image);
 /* Bytes the image occupies (ELF cubin, fatbin container, or NUL-terminated PTX); -1 if the
  * image cannot be sized, with why filled. */
 int vgpu_image_size(const void *image, size_t *size, char *why, size_t why_len);
@@ -228,6 +235,12 @@ int vgpu_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t siz
 /* The function behind a handle (vgpu_lock held): gpu-proxy's id and the kernel's parameter
  * layout, NULL when it is unknown (said once per module on stderr). */
 CUresult vgpu_function_find(CUfunction f, uint64_t *id, const struct vgpu_kernel **kernel);
+
+/* ---- library.c ----------------------------------------------------------------------------- */
+
+/* A CUkernel may be used where a CUfunction is expected (cudart launches with one): *f becomes
+ * its function in the current context. Any other handle is left as it is. */
+CUresult vgpu_kernel_function(CUfunction *f);
 
 /* ---- bulk_wire.c: request heads of calls whose data is gathered from the caller's buffer ---- */
 

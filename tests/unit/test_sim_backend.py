@@ -16,6 +16,7 @@ from gpu_proxy.backends.sim import (
     ALIGNMENT,
     CU_EVENT_DISABLE_TIMING,
     CU_STREAM_NON_BLOCKING,
+    MODELS,
     Attr,
     LaunchRecord,
     SimBackend,
@@ -105,7 +106,6 @@ def test_device_info_describes_the_model_and_says_it_is_simulated() -> None:
     assert h100.uuid == SimBackend().device_info().uuid != a100.uuid
     assert len(h100.uuid) == 16
     attrs = h100.attributes
-    assert len(attrs) >= 20
     assert attrs[1] == 1024 and (attrs[2], attrs[3], attrs[4]) == (1024, 1024, 64)
     assert (attrs[5], attrs[6], attrs[7]) == (2**31 - 1, 65535, 65535)
     assert (attrs[8], attrs[10], attrs[16], attrs[75], attrs[76]) == (48 << 10, 32, 132, 9, 0)
@@ -122,6 +122,72 @@ def test_attribute_numbers_match_cuda_h() -> None:
         for m in re.finditer(r"CU_DEVICE_ATTRIBUTE_(\w+)\s*=\s*(\d+)", CUDA_H.read_text())
     }
     assert {a.name: declared.get(a.name) for a in Attr} == {a.name: a.value for a in Attr}
+
+
+def cuda_h_attributes() -> dict[str, int]:
+    """Every enumerator of cuda.h's CUdevice_attribute (aliases included), except the _MAX end."""
+    text = CUDA_H.read_text()
+    body = text[
+        text.index("typedef enum CUdevice_attribute_enum") : text.index("} CUdevice_attribute;")
+    ]
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"(CU_DEVICE_ATTRIBUTE_\w+)\s*=\s*(\d+)", body)
+    }
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_cuda_h_attribute_has_a_value_in_each_model(model: str) -> None:
+    declared = cuda_h_attributes()
+    assert len(declared) > 140  # the parse found the enum, not a fragment of it
+    attrs = SimBackend(model).device_info().attributes
+    assert {name for name, number in declared.items() if number not in attrs} == set()
+    assert set(attrs) == set(declared.values())  # nothing that cuda.h does not declare
+
+
+def test_attributes_are_the_published_values() -> None:
+    h100 = SimBackend().device_info().attributes
+    a100 = SimBackend("A100-SXM4-40GB").device_info().attributes
+    pick = (
+        Attr.CLOCK_RATE, Attr.MEMORY_CLOCK_RATE, Attr.GLOBAL_MEMORY_BUS_WIDTH,
+        Attr.L2_CACHE_SIZE, Attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, Attr.ASYNC_ENGINE_COUNT,
+        Attr.CLUSTER_LAUNCH, Attr.TENSOR_MAP_ACCESS_SUPPORTED, Attr.GPU_PCI_DEVICE_ID,
+    )  # fmt: skip
+    assert [h100[a] for a in pick] == [
+        1_980_000,
+        2_619_000,
+        5120,
+        50 << 20,
+        228 << 10,
+        3,
+        1,
+        1,
+        0x2330_10DE,
+    ]
+    assert [a100[a] for a in pick] == [
+        1_410_000,
+        1_215_000,
+        5120,
+        40 << 20,
+        164 << 10,
+        3,
+        0,
+        0,
+        0x20B0_10DE,
+    ]
+    for attrs in (h100, a100):
+        flags = (
+            Attr.UNIFIED_ADDRESSING, Attr.MANAGED_MEMORY, Attr.CONCURRENT_KERNELS,
+            Attr.COOPERATIVE_LAUNCH, Attr.MEMORY_POOLS_SUPPORTED,
+            Attr.VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, Attr.STREAM_PRIORITIES_SUPPORTED,
+        )  # fmt: skip
+        assert [attrs[a] for a in flags] == [1] * len(flags)
+        assert (attrs[Attr.COMPUTE_MODE], attrs[Attr.INTEGRATED], attrs[Attr.TCC_DRIVER]) == (
+            0,
+        ) * 3
+        assert (attrs[Attr.PCI_DOMAIN_ID], attrs[Attr.PCI_BUS_ID], attrs[Attr.PCI_DEVICE_ID]) == (
+            0, 0x1B, 0,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("on_stream", [False, True], ids=["legacy", "stream"])

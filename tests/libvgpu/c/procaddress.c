@@ -135,7 +135,13 @@ int main(void)
     refused("cuFuncGetParamInfo", 12030, CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT);
     /* cuCtxCreate_v3 (11.4) is not implemented: asking at 11.4 must not give _v2's ABI. */
     refused("cuCtxCreate", 11040, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND);
-    refused("cuCtxSynchronize", 13000, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND);
+    /* CUDA 13's variants that name their context, and the library API cudart 12+ loads with. */
+    REQUIRE(lookup("cuCtxSynchronize", 13000, 0) == sym("cuCtxSynchronize_v2"));
+    REQUIRE(lookup("cuCtxSynchronize", 12090, 0) == sym("cuCtxSynchronize"));
+    REQUIRE(lookup("cuCtxGetDevice", 13000, 0) == sym("cuCtxGetDevice_v2"));
+    REQUIRE(lookup("cuLibraryLoadData", 13000, 0) == sym("cuLibraryLoadData"));
+    REQUIRE(lookup("cuMemcpyAsync", 13000, CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) ==
+            sym("cuMemcpyAsync_ptsz"));
     EXPECT(cuGetProcAddress("cuInit", &fn, CUDA_VERSION + 10, 0, NULL), CUDA_ERROR_INVALID_VALUE);
     EXPECT(cuGetProcAddress("cuInit", &fn, 2000, 4, NULL), CUDA_ERROR_INVALID_VALUE);
 
