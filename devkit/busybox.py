@@ -93,9 +93,12 @@ def busybox_userland() -> Userland:
 
 
 def busybox_layer_tar() -> bytes:
-    """The userland as an uncompressed image layer (root-owned, mtime 0: the same bytes, so
-    the same digest, every time)."""
-    userland = busybox_userland()
+    return layer_tar(busybox_userland())
+
+
+def layer_tar(userland: Userland) -> bytes:
+    """A userland as an uncompressed image layer (root-owned, mtime 0: the same bytes, so the
+    same digest, every time)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path, mode in userland.directories:

@@ -2,14 +2,17 @@
 
     python -m devkit.demo [--keep] [--work-dir DIR] [--metrics-port PORT]
 
-Starts a loopback registry holding a busybox image, gpu-proxy (``--backend auto``: the GPU when
-its driver works, else the sim backend) and vgpu-runtime (process zone backend) registering
-zones with it. Then, over the CRI socket, it does what kubelet does for a pod with
+Builds devkit/cuda/hello_vgpu.cu with nvcc (cached in the work dir) and starts a loopback
+registry holding it as an image (busybox, the program and the host libraries it loads),
+gpu-proxy (``--backend auto``: the GPU when its driver works, else the sim backend) and
+vgpu-runtime (process zone backend, mounting libvgpu into GPU containers as libcuda.so.1)
+registering zones with it. Then, over the CRI socket, it does what kubelet does for a pod with
 ``runtimeClassName: vgpu-isolated``: pulls the image, runs the pod with 256Mi of GPU memory,
 creates and starts a container, waits for it to exit and reads its log; it shows gpu-proxy's
 view of the pod's zone (ZoneControl List, /metrics), removes the pod and checks that gpu-proxy
-released the zone. The container is a busybox shell that finds its GPU channel; running a CUDA
-program through it waits for libvgpu.
+released the zone. The container's CUDA program (cudart, static) reaches gpu-proxy through
+libvgpu: it prints the device it sees, a 64 MiB memory round trip and one kernel launch, which
+the sim backend validates and records without running.
 
 Needs root: the process zone backend creates namespaces, mounts and cgroups.
 """
@@ -20,12 +23,15 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,13 +40,15 @@ import grpc
 from cri_runtime.client import container_config, pod_config
 from cri_runtime.cri.gen import api_pb2
 from cri_runtime.zones.process import CONTROL_SOCKET, MAX_SOCKET_PATH
-from devkit.busybox import BUSYBOX, push_busybox_image
-from devkit.daemons import DaemonFailed, GpuProxyDaemon, RuntimeDaemon, log_tail
+from devkit.busybox import BUSYBOX
+from devkit.cuda_image import LIBVGPU, NVCC, PROGRAM, SOURCE, build_program, push_cuda_image
+from devkit.daemons import ROOT, DaemonFailed, GpuProxyDaemon, RuntimeDaemon, log_tail
 from devkit.registry import REGISTRY_BINARY, LocalRegistry
 from gpu_proxy.proto.gen import control_pb2, control_pb2_grpc
 
 DEFAULT_WORK_DIR = Path("/tmp/vgpu-demo")
 LOCK_FILE = ".vgpu-demo.lock"  # marks a demo work dir, and is locked while a demo uses it
+CACHE_DIR = "cache"  # the nvcc build, kept when the work dir is emptied
 SAMPLE_ZONE_ID = "0" * 64  # zones are named by CRI sandbox ids: 64 hex characters
 GPU_HANDLER = "vgpu-isolated"
 GPU_MEMORY_ANNOTATION = "vgpu-isolated.io/gpu-memory"
@@ -48,13 +56,17 @@ GPU_MEMORY = "256Mi"
 POD = "demo"
 CONTAINER = "hello"
 CONTAINER_LOG = f"{CONTAINER}/0.log"  # kubelet's <container>/<attempt>.log
-CONTAINER_SCRIPT = """\
-echo "hello from $(hostname), in a vgpu-isolated zone"
-if [ $$ -eq 1 ]; then echo "own pid namespace: this shell is pid 1"
-else echo "shared pid namespace: this shell is pid $$"; fi
-if [ -S "$VGPU_PROXY_SOCKET" ]; then echo "GPU channel present: $VGPU_PROXY_SOCKET is a socket"
-else echo "no GPU channel: VGPU_PROXY_SOCKET='$VGPU_PROXY_SOCKET' is not a socket"; exit 1; fi
+CONTAINER_SCRIPT = f"""\
+echo "hello from $(hostname), in a vgpu-isolated zone, as pid $$"
+exec {PROGRAM}
 """
+
+# The zone's series the demo shows: the program's own calls (the rest are cudart's and libvgpu's
+# start-up and exit), and none of the per-call latency histograms.
+PROGRAM_CALLS = ("cuMemAlloc", "cuMemcpy", "cuLaunchKernel", "cuCtxSynchronize", "cuMemFree")
+HIDDEN_SERIES = ("vgpu_call_duration_seconds", "vgpu_last_kernel_launch_timestamp_seconds")
+SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 T = TypeVar("T")
 _title, _usage, *_rest = (__doc__ or "").split("\n\n")
@@ -97,6 +109,12 @@ def problems_before_start(work_dir: Path) -> list[str]:
             problems.append(f"{path} not found: install Debian's {package}")
     if not (shutil.which("crun") or shutil.which("runc")):
         problems.append("no OCI runtime: install Debian's crun or runc")
+    if not os.access(NVCC, os.X_OK):
+        problems.append(f"{NVCC} not found: the CUDA 13 toolkit's nvcc builds the pod's program")
+    if not LIBVGPU.is_file():
+        problems.append(
+            f"{LIBVGPU} not found: build it with python -m libvgpu.build (setup.sh does)"
+        )
     longest = max(
         work_dir / "zones" / SAMPLE_ZONE_ID / CONTROL_SOCKET,
         GpuProxyDaemon(work_dir / "gpu-proxy").socket_dir / f"{SAMPLE_ZONE_ID}.sock",
@@ -125,8 +143,8 @@ def processes_using(work_dir: Path) -> list[int]:
 
 
 def claim_work_dir(work_dir: Path) -> int:
-    """Lock the work dir for this demo and empty it of an earlier run's files; returns the
-    lock's file descriptor (the lock lasts while it is open)."""
+    """Lock the work dir for this demo and empty it of an earlier run's files but the nvcc
+    build's cache; returns the lock's file descriptor (the lock lasts while it is open)."""
     if work_dir.exists() and any(work_dir.iterdir()) and not (work_dir / LOCK_FILE).exists():
         raise DemoFailed(f"{work_dir} is not empty and not a demo work dir; pick another one")
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +162,7 @@ def claim_work_dir(work_dir: Path) -> int:
         pids = " ".join(map(str, leftovers))
         raise DemoFailed(f"processes of an earlier demo still use {work_dir}: kill {pids}")
     for entry in work_dir.iterdir():
-        if entry.name != LOCK_FILE:
+        if entry.name not in {LOCK_FILE, CACHE_DIR}:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -160,7 +178,9 @@ class Demo:
         self.stack = stack
         self.registry = LocalRegistry(work_dir / "registry")
         self.proxy = GpuProxyDaemon(work_dir / "gpu-proxy", "auto", metrics_port)
-        self.runtime = RuntimeDaemon(work_dir, gpu_proxy_control=self.proxy.control_address)
+        self.runtime = RuntimeDaemon(
+            work_dir, self.proxy.control_address, extra=("--libvgpu", str(LIBVGPU))
+        )
         self.pod_logs = work_dir / "pod-logs"
         self.pod_id = ""  # while the pod exists
 
@@ -179,6 +199,7 @@ class Demo:
         self.stack.callback(self.stop_daemon, "vgpu-runtime", self.runtime)
         self.runtime.start()
         say(f"  vgpu-runtime  CRI unix://{self.runtime.socket}, process zone backend")
+        say(f"                libcuda.so.1 in GPU containers: {LIBVGPU}")
         say(f"                log {self.runtime.log_path}")
 
     def stop_daemon(self, name: str, daemon: GpuProxyDaemon | RuntimeDaemon) -> None:
@@ -202,8 +223,12 @@ class Demo:
 
     def pull(self) -> str:
         section("Image")
-        image = push_busybox_image(self.registry, "demo/busybox", "latest")
-        say(f"  pushed {image} (the host's static busybox)")
+        program = build_program(self.work_dir / CACHE_DIR)
+        how = "cached" if program.build_s is None else f"{program.build_s:.1f} s"
+        say(f"  nvcc {program.nvcc_version}     {SOURCE.relative_to(ROOT)} ({how})")
+        image, libraries = push_cuda_image(self.registry, "demo/hello-vgpu", "latest", program.path)
+        say(f"  pushed {image}: busybox, /usr/local/bin/{PROGRAM} and from the host")
+        say(f"    {' '.join(Path(path).name for path in libraries)}")
         image_id, took = self.cri("PullImage", lambda: self.runtime.client.pull(image))
         say(f"  PullImage         {took * 1000:6.0f} ms   image {image_id[:19]}…")
         return image
@@ -253,18 +278,43 @@ class Demo:
             say(f"  socket  {zone.socket_path}")
         if self.pod_id not in {zone.identity.zone for zone in zones}:
             raise DemoFailed("gpu-proxy lists no zone for the pod", self.runtime.log_path)
+        self.show_metrics()
+
+    def show_metrics(self) -> None:
+        """The zone's series that show the program's work; the rest are counted, not shown."""
         section(f"gpu-proxy: the zone's series in {self.proxy.metrics_url}")
-        lines = self.zone_metrics(self.pod_id)
-        if not lines:
+        series = [parse_series(line) for line in self.zone_metrics(self.pod_id)]
+        if not series:
             raise DemoFailed("gpu-proxy's /metrics has no series for the zone", self.proxy.log_path)
-        idle_handle_kinds = 0
-        for line in lines:
-            if line.startswith("vgpu_handles{") and float(line.split()[-1]) == 0:
-                idle_handle_kinds += 1
+        calls = [one for one in series if one.name == "vgpu_calls_total"]
+        results: Counter[str] = Counter()
+        for call in calls:
+            results[call.labels["result"]] += int(call.value)
+        apis = {call.labels["api"] for call in calls}
+        tally = ", ".join(f"{count} {result}" for result, count in results.items())
+        hidden: Counter[str] = Counter()
+        for one in series:
+            if one is calls[0]:
+                say(f"  vgpu_calls_total: {results.total()} calls to {len(apis)} APIs ({tally}),")
+                say("  the program's own:")
+            if one.name == "vgpu_calls_total":
+                shown = one.labels["result"] != "CUDA_SUCCESS" or (
+                    one.labels["api"].startswith(PROGRAM_CALLS)
+                )
+            elif one.name == "vgpu_handles":
+                shown = one.value != 0
             else:
-                say(f"  {line.replace(self.pod_id, short(self.pod_id))}")
-        say(f"  (zone id shortened; {idle_handle_kinds} more vgpu_handles kinds at 0 not shown;")
-        say("   no CUDA calls yet, so no call or latency series)")
+                shown = not one.name.startswith(HIDDEN_SERIES)
+            if shown:
+                say(f"  {one.without_zone()}")
+            else:
+                hidden[one.name] += 1
+        say(
+            f"  (zone label left out; not shown: {hidden['vgpu_calls_total']} vgpu_calls_total "
+            "series of cudart's and libvgpu's"
+        )
+        say("   start-up and exit, vgpu_call_duration_seconds per API, the last launch's time,")
+        say(f"   {hidden['vgpu_handles']} vgpu_handles kinds at 0)")
 
     def keep_running(self) -> None:
         """Wait for Ctrl-C (or SIGTERM), failing if a daemon dies meanwhile."""
@@ -356,6 +406,31 @@ class Demo:
             say("  to curl /metrics and use the CRI socket")
 
 
+@dataclass(frozen=True)
+class Series:
+    """One sample of a /metrics exposition."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+    def without_zone(self) -> str:
+        """The sample without its zone label, whole numbers as such, bytes also in MiB."""
+        labels = ",".join(f'{k}="{v}"' for k, v in self.labels.items() if k != "zone")
+        value = f"{self.value:.0f}" if self.value.is_integer() else f"{self.value:g}"
+        if self.name.endswith(("_bytes", "_bytes_total")):
+            value += f" ({mib(int(self.value))})"
+        return f"{self.name}{{{labels}}} {value}" if labels else f"{self.name} {value}"
+
+
+def parse_series(line: str) -> Series:
+    match = SAMPLE.match(line)
+    if match is None:
+        raise DemoFailed(f"gpu-proxy's /metrics has a line that is not a sample: {line!r}")
+    name, labels, value = match.groups()
+    return Series(name, dict(LABEL.findall(labels or "")), float(value))
+
+
 def read_cri_log(path: Path) -> Iterator[tuple[str, str]]:
     """(stream, line) of a CRI log (``<time> <stream> <F|P> <text>``), partial lines joined."""
     partial = {"stdout": "", "stderr": ""}
@@ -401,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         type=Path,
         default=DEFAULT_WORK_DIR,
-        help=f"sockets, state and logs (default {DEFAULT_WORK_DIR}; emptied at start; short: "
-        "zone sockets under it must fit a unix socket path)",
+        help=f"sockets, state, logs and the nvcc build (default {DEFAULT_WORK_DIR}; emptied at "
+        "start but for the build; short: zone sockets under it must fit a unix socket path)",
     )
     parser.add_argument(
         "--metrics-port",

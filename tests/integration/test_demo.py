@@ -1,6 +1,7 @@
-"""The README's demo (``python -m devkit.demo``) as a person runs it: a GPU pod's container
-finds its channel, gpu-proxy shows the zone with its quota and releases it when the pod goes,
-and every daemon stops cleanly; with --keep everything stays up until Ctrl-C."""
+"""The README's demo (``python -m devkit.demo``) as a person runs it: a GPU pod's CUDA program
+(nvcc, static cudart) runs through libvgpu and gpu-proxy, which counts its calls, copies and
+launch, shows the zone with its quota and releases it when the pod goes, and every daemon stops
+cleanly; with --keep everything stays up until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -20,18 +21,27 @@ import pytest
 from cri_runtime.client import CriClient
 from cri_runtime.cri.gen import api_pb2
 from devkit.daemons import ROOT
-from devkit.demo import processes_using
+from devkit.demo import problems_before_start, processes_using
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("runc") or shutil.which("crun")),
     reason="needs root and an OCI runtime",
 )
 DEMO = [sys.executable, "-m", "devkit.demo"]
+MiB = 1 << 20
+# The container's output: its shell, then the CUDA program (devkit/cuda/hello_vgpu.cu).
 CONTAINER_LINES = [
-    "hello from demo, in a vgpu-isolated zone",
-    "own pid namespace: this shell is pid 1",
-    "GPU channel present: /run/vgpu/proxy.sock is a socket",
+    r"hello from demo, in a vgpu-isolated zone, as pid 1",
+    r"cudart -> libcuda\.so\.1 \(libvgpu\) -> gpu-proxy at /run/vgpu/proxy\.sock",
+    r"device: (?P<name>.+), \d+ SMs, compute \d+\.\d, 256 MiB \(the zone's quota\)",
+    r"memory: 64 MiB host -> device -> device -> host, checksum [0-9a-f]{16} verified",
+    r"kernel: mix<<<65536, 256>>> launched, cudaDeviceSynchronize succeeded",
 ]
+SIM_KERNEL = (
+    "kernel: not run: the sim backend validated and recorded the launch, so there is no result "
+    "to check"
+)
+GPU_KERNEL = "kernel: ran on the GPU, all 16777216 results verified"
 
 
 @pytest.fixture
@@ -65,10 +75,23 @@ def test_demo_runs_a_gpu_pod_and_releases_its_zone(work_dir: Path) -> None:
     assert demo.returncode == 0, demo.stdout + demo.stderr
     lines = lines_of(demo.stdout)
     start = lines.index(CONTAINER_LINES[0])
-    assert lines[start : start + 3] == CONTAINER_LINES
+    output = lines[start : start + len(CONTAINER_LINES) + 1]
+    for pattern, line in zip(CONTAINER_LINES, output[:-1], strict=True):
+        assert re.fullmatch(pattern, line), (pattern, output)
+    device = re.fullmatch(CONTAINER_LINES[2], output[2])
+    assert device is not None
+    assert output[-1] == (SIM_KERNEL if device["name"].endswith("(vgpu sim)") else GPU_KERNEL)
     assert "quota   256 MiB, 0 MiB used" in lines
-    [limit] = [line for line in lines if line.startswith("vgpu_device_memory_limit_bytes")]
-    assert limit.endswith(" 2.68435456e+08")
+    # gpu-proxy counted the program's work: its launch, copies and allocations.
+    assert "vgpu_kernel_launches_total 1" in lines
+    assert 'vgpu_calls_total{api="cuLaunchKernel",result="CUDA_SUCCESS"} 1' in lines
+    copied = dict(
+        re.findall(r'^  vgpu_memcpy_bytes_total\{direction="(\w+)"\} (\d+)', demo.stdout, re.M)
+    )
+    assert copied.keys() == {"htod", "dtod", "dtoh"}
+    assert all(int(size) >= 64 * MiB for size in copied.values()), copied
+    assert "vgpu_memory_allocations_total 2" in lines and "vgpu_memory_frees_total 2" in lines
+    assert "vgpu_device_memory_limit_bytes 268435456 (256 MiB)" in lines
     for call in ("PullImage", "RunPodSandbox", "CreateContainer", "StartContainer"):
         assert re.search(rf"^  {call} +\d+ ms", demo.stdout, re.M), call
     assert_released_and_stopped(demo.stdout)
@@ -119,3 +142,13 @@ def test_a_work_dir_too_long_for_zone_sockets_is_refused_up_front() -> None:
     assert demo.returncode == 2
     assert "too long" in demo.stderr and "unix socket path" in demo.stderr
     assert not too_long.exists()
+
+
+def test_missing_nvcc_or_libvgpu_is_refused_up_front(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("devkit.demo.NVCC", tmp_path / "nvcc")
+    monkeypatch.setattr("devkit.demo.LIBVGPU", tmp_path / "libvgpu.so")
+    problems = problems_before_start(Path("/tmp/vd"))
+    assert f"{tmp_path}/nvcc not found" in problems[0]
+    assert f"{tmp_path}/libvgpu.so not found" in problems[1] and "libvgpu.build" in problems[1]
