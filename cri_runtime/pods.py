@@ -206,12 +206,17 @@ class PodManager:
 
     def _discard_sandbox(self, record: SandboxRecord) -> None:
         """Undo a sandbox that never became ready: zone, GPU registration, record."""
-        try:
-            self.backend.stop(record.id, grace_s=0)
-        except ZoneError as exc:
-            log.error("could not stop a failed zone", sandbox=record.id, error=str(exc))
+        self._stop_zone_logged(record.id)
         self._unregister_gpu(record)
         self.state.sandboxes.delete(record.id)
+
+    def _stop_zone_logged(self, zone_id: str) -> None:
+        """Stop a zone where a failure must not stop the caller (clean-up, recovery): logged,
+        and the zone is stopped again as an orphan by the next recovery."""
+        try:
+            self.backend.stop(zone_id, grace_s=0)
+        except ZoneError as exc:
+            log.error("could not stop a zone", zone=zone_id, error=str(exc))
 
     def _unregister_gpu(self, record: SandboxRecord) -> None:
         if not record.gpu_socket or self.gpu is None:
@@ -234,9 +239,12 @@ class PodManager:
         if record is None:
             return
         with self._pod(sandbox_id):
-            record = self.sandbox(sandbox_id)
-            if record.state == SandboxState.NOTREADY:
+            record = self.state.sandboxes.get(sandbox_id)
+            if record is None:  # removed while we waited for the lock
                 return
+            # A NOTREADY sandbox may be one whose zone was found dead (_mark_dead), which
+            # neither stopped the zone (directory, cgroups) nor removed it from gpu-proxy:
+            # both steps are idempotent, so they run for it as well.
             self.refresh_containers(record)
             try:
                 self.backend.stop(record.id, grace_s=ZONE_STOP_GRACE_S)
@@ -244,7 +252,8 @@ class PodManager:
                 raise ZoneFailed(f"stopping zone {record.id}: {exc}") from exc
             self._zone_gone(record, "the pod sandbox was stopped")
             self._unregister_gpu(record)
-            self.state.sandboxes.put(record.model_copy(update={"state": SandboxState.NOTREADY}))
+            if record.state != SandboxState.NOTREADY:
+                self.state.sandboxes.put(record.model_copy(update={"state": SandboxState.NOTREADY}))
         log.info("sandbox stopped", sandbox=sandbox_id)
 
     def remove_sandbox(self, sandbox_id: str) -> None:
@@ -265,7 +274,7 @@ class PodManager:
         now = time.time_ns()
         for c in self.containers_of(record.id):
             if c.state in (ContainerState.CREATED, ContainerState.RUNNING):
-                self.state.containers.put(
+                self.state.containers.replace(
                     c.model_copy(
                         update={
                             "state": ContainerState.EXITED,
@@ -296,7 +305,9 @@ class PodManager:
     def _mark_dead(self, record: SandboxRecord, why: str) -> None:
         log.warning("zone died", sandbox=record.id, reason=why)
         self._zone_gone(record, f"zone exited: {why}")
-        self.state.sandboxes.put(record.model_copy(update={"state": SandboxState.NOTREADY}))
+        # replace, not put: callers without the pod lock (List/Status refreshes) must not bring
+        # back a sandbox RemovePodSandbox deleted meanwhile
+        self.state.sandboxes.replace(record.model_copy(update={"state": SandboxState.NOTREADY}))
 
     def _apply(self, record: ContainerRecord, info: p.ContainerInfo) -> ContainerRecord:
         state = {
@@ -315,7 +326,9 @@ class PodManager:
             }
         )
         if updated != record:
-            self.state.containers.put(updated)
+            # replace, not put: a refresh runs without the pod lock, and must not bring back a
+            # container RemoveContainer deleted while the agent answered
+            self.state.containers.replace(updated)
         return updated
 
     def refresh_containers(self, record: SandboxRecord) -> None:
@@ -439,17 +452,20 @@ class PodManager:
         if record is None:
             return
         with self._pod(record.sandbox_id):
-            record = self.container(container_id)
-            if record.state == ContainerState.EXITED:
-                return
-            sandbox = self.sandbox(record.sandbox_id)
-            if sandbox.state != SandboxState.READY:
+            current = self.state.containers.get(container_id)
+            if current is None or current.state == ContainerState.EXITED:
+                return  # removed while we waited for the lock, or already stopped
+            record = current
+            sandbox = self.state.sandboxes.get(record.sandbox_id)
+            if sandbox is None or sandbox.state != SandboxState.READY:
                 return
             try:
                 info = self._agent(sandbox).stop(container_id, timeout_s)
             except AgentGone as exc:
                 self._mark_dead(sandbox, str(exc))
                 return
+            except FailedPrecondition:
+                return  # the zone is gone (_agent marked it dead): the container has exited
             self._apply(record, info)
         log.info("container stopped", container=container_id, exit_code=info.exit_code)
 
@@ -541,15 +557,15 @@ class PodManager:
                 if zone is None or zone.state != ZoneState.RUNNING:
                     self._mark_dead(record, "found stopped when the runtime started")
                     if zone is not None:
-                        self.backend.stop(record.id, grace_s=0)
+                        self._stop_zone_logged(record.id)
                     self._unregister_gpu(record)
                 else:
                     self.refresh_containers(record)
             elif zone is not None:
-                self.backend.stop(record.id, grace_s=0)
+                self._stop_zone_logged(record.id)
         for orphan in zones.values():
             log.warning("stopping a zone no sandbox owns", zone=orphan.zone_id, pid=orphan.pid)
-            self.backend.stop(orphan.zone_id, grace_s=0)
+            self._stop_zone_logged(orphan.zone_id)
         if self.gpu is not None:
             self._reconcile_gpu()
         for c in self.state.containers.all():

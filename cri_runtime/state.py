@@ -110,23 +110,37 @@ class RecordStore(Generic[R]):
             self._records[record.id] = record
 
     def put(self, record: R) -> None:
+        with self._lock:
+            self._write(record)
+
+    def replace(self, record: R) -> bool:
+        """Write ``record`` only if a record with its id is still there (atomically with
+        ``delete``): an update computed without the owner's lock must not bring back a record
+        removed meanwhile. False if it was gone."""
+        with self._lock:
+            if record.id not in self._records:
+                return False
+            self._write(record)
+            return True
+
+    def _write(self, record: R) -> None:
+        """Persist and cache ``record``; the caller holds ``self._lock``."""
         data = record.model_dump_json().encode()
         path = self._dir / f"{record.id}.json"
         tmp = path.with_suffix(".tmp")
-        with self._lock:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            self._records[record.id] = record
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._records[record.id] = record
 
     def delete(self, record_id: str) -> None:
         with self._lock:
