@@ -31,6 +31,7 @@ from cri_runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from cri_runtime.gpu import GpuProxyClient, parse_quantity
 from cri_runtime.images.store import Image, ImageStore
@@ -297,10 +298,20 @@ class PodManager:
         try:
             return self.backend.agent(record.id)
         except ZoneError as exc:
+            if self._zone_running(record.id):
+                raise Unavailable(
+                    f"pod sandbox {record.id}: its zone runs but its agent does not answer: {exc}"
+                ) from exc
             self._mark_dead(record, str(exc))
             raise FailedPrecondition(
                 f"pod sandbox {record.id}: zone is not running: {exc}"
             ) from exc
+
+    def _zone_running(self, zone_id: str) -> bool:
+        """What the backend sees from the host: a slow agent is not a dead zone."""
+        return any(
+            z.zone_id == zone_id and z.state == ZoneState.RUNNING for z in self.backend.list()
+        )
 
     def _mark_dead(self, record: SandboxRecord, why: str) -> None:
         log.warning("zone died", sandbox=record.id, reason=why)
@@ -331,8 +342,11 @@ class PodManager:
             self.state.containers.replace(updated)
         return updated
 
-    def refresh_containers(self, record: SandboxRecord) -> None:
-        """Bring the sandbox's live container records up to date with its agent."""
+    def refresh_containers(self, record: SandboxRecord, *, forget_unknown: bool = False) -> None:
+        """Bring the sandbox's live container records up to date with its agent. With
+        ``forget_unknown`` (recovery, before serving: no CreateContainer can be in flight),
+        records the agent does not know — a runtime killed between writing the record and the
+        agent's CREATE — become EXITED instead of holding their name and image forever."""
         live = [
             c
             for c in self.containers_of(record.id)
@@ -343,12 +357,27 @@ class PodManager:
         try:
             infos = {i.container_id: i for i in self.backend.agent(record.id).list()}
         except (ZoneError, AgentGone) as exc:
-            self._mark_dead(record, str(exc))
+            if self._zone_running(record.id):
+                log.warning("zone agent not answering", sandbox=record.id, error=str(exc))
+            else:
+                self._mark_dead(record, str(exc))
             return
         for c in live:
             info = infos.get(c.id)
             if info is not None:
                 self._apply(c, info)
+            elif forget_unknown:
+                self.state.containers.replace(
+                    c.model_copy(
+                        update={
+                            "state": ContainerState.EXITED,
+                            "finished_at_ns": time.time_ns(),
+                            "exit_code": 255,
+                            "reason": "Error",
+                            "message": "unknown to the zone agent (the runtime stopped mid-create)",
+                        }
+                    )
+                )
 
     # -- containers -------------------------------------------------------------------------
 
@@ -477,10 +506,7 @@ class PodManager:
             sandbox = self.state.sandboxes.get(record.sandbox_id)
             if sandbox is not None and sandbox.state == SandboxState.READY:
                 try:
-                    agent = self._agent(sandbox)
-                    if record.state == ContainerState.RUNNING:
-                        agent.stop(container_id, 0)
-                    agent.remove(container_id)
+                    self._agent(sandbox).remove(container_id)  # kills it first if it runs
                 except AgentError as exc:
                     if exc.status != p.AgentStatus.NOT_FOUND:
                         raise
@@ -560,7 +586,7 @@ class PodManager:
                         self._stop_zone_logged(record.id)
                     self._unregister_gpu(record)
                 else:
-                    self.refresh_containers(record)
+                    self.refresh_containers(record, forget_unknown=True)
             elif zone is not None:
                 self._stop_zone_logged(record.id)
         for orphan in zones.values():

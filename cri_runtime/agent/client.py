@@ -232,6 +232,9 @@ class AgentClient:
                     waiting.set_result((header.status, bytes(message.payload)))
         except ChannelError as exc:
             reason = exc.reason
+        except Exception as exc:  # a dead reader must not leave a client that looks alive
+            self._log.exception("control channel reader failed")
+            reason = f"reader failed: {type(exc).__name__}: {exc}"
         with self._lock:
             self._gone = reason
             pending, self._pending = self._pending, {}

@@ -113,51 +113,60 @@ class _Connection:
     def _accept(self, accept_peer: Callable[[int], bool]) -> None:
         while not self._closed:
             try:
-                link = self.listener.accept()
-            except ChannelError:
-                continue  # a bad offer; logged by the listener
-            except OSError:
-                return  # the listener was closed
-            try:
-                pid = link.peer_credentials()[0]
-            except OSError:
-                link.close()
-                continue
-            if not accept_peer(pid):
-                log.warning(
-                    "control socket: refused a process that is not the zone's agent",
-                    zone_id=self.zone_id,
-                    pid=pid,
-                )
-                link.close()
-                continue
-            try:
-                channel = link.open_channel()
-            except ChannelError as exc:
-                log.warning("control channel refused", zone_id=self.zone_id, reason=exc.reason)
-                link.close()
-                continue
-            try:
-                client = AgentClient.handshake(channel, peer_alive=link.peer_alive)
-            except AgentGone as exc:
-                log.warning("agent handshake failed", zone_id=self.zone_id, reason=str(exc))
-                continue
-            with self._changed:
-                old, self.client, self.agent_pid = self.client, client, pid
-                closed = self._closed
-                self._changed.notify_all()
-            if old is not None:
-                old.close()
-            if closed:
-                client.close()
-                return
-            log.info(
-                "zone agent connected",
+                if not self._accept_one(accept_peer):
+                    return
+            except Exception:  # this thread must outlive any one bad connection
+                log.exception("control socket: accepting an agent failed", zone_id=self.zone_id)
+
+    def _accept_one(self, accept_peer: Callable[[int], bool]) -> bool:
+        """Accept one connection; False once the listener is closed."""
+        try:
+            link = self.listener.accept()
+        except ChannelError:
+            return True  # a bad offer; logged by the listener
+        except OSError:
+            return False  # the listener was closed
+        try:
+            pid = link.peer_credentials()[0]
+        except OSError:
+            link.close()
+            return True
+        if not accept_peer(pid):
+            log.warning(
+                "control socket: refused a process that is not the zone's agent",
                 zone_id=self.zone_id,
-                agent_pid=pid,
-                oci_runtime=client.ready.oci_runtime,
-                containers=len(client.ready.containers),
+                pid=pid,
             )
+            link.close()
+            return True
+        try:
+            channel = link.open_channel()
+        except ChannelError as exc:
+            log.warning("control channel refused", zone_id=self.zone_id, reason=exc.reason)
+            link.close()
+            return True
+        try:
+            client = AgentClient.handshake(channel, peer_alive=link.peer_alive)
+        except AgentGone as exc:
+            log.warning("agent handshake failed", zone_id=self.zone_id, reason=str(exc))
+            return True
+        with self._changed:
+            old, self.client, self.agent_pid = self.client, client, pid
+            closed = self._closed
+            self._changed.notify_all()
+        if old is not None:
+            old.close()
+        if closed:
+            client.close()
+            return False
+        log.info(
+            "zone agent connected",
+            zone_id=self.zone_id,
+            agent_pid=pid,
+            oci_runtime=client.ready.oci_runtime,
+            containers=len(client.ready.containers),
+        )
+        return True
 
     def wait_client(self, timeout_s: float, still_worth_it: Callable[[], bool]) -> AgentClient:
         deadline = time.monotonic() + timeout_s

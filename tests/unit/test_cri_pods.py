@@ -7,8 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from cri_runtime.agent import protocol as p
 from cri_runtime.config import RuntimeConfig
+from cri_runtime.errors import Unavailable
 from cri_runtime.gpu import GpuProxyClient
 from cri_runtime.images.store import ImageStore
 from cri_runtime.pods import PodManager
@@ -19,7 +22,7 @@ from cri_runtime.state import (
     SandboxRecord,
     SandboxState,
 )
-from cri_runtime.zones.base import ZoneBackend, ZoneError, ZoneSpec
+from cri_runtime.zones.base import ZoneBackend, ZoneError, ZoneInfo, ZoneSpec, ZoneState
 
 SID = "a" * 64
 CID = "b" * 64
@@ -130,3 +133,57 @@ def test_stops_of_records_removed_meanwhile_succeed(tmp_path: Path) -> None:
     pods.state.containers.put(container())
     pods.stop_container(CID, 0)  # the zone turns out dead: success, the container exited
     assert pods.container(CID).state == ContainerState.EXITED
+
+
+class LiveZone(FakeBackend):
+    """A zone the host sees running, whose agent answers slowly (None) or with no containers."""
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__()
+        self._agent = agent
+
+    def list(self) -> list[Any]:
+        return [ZoneInfo(zone_id=SID, state=ZoneState.RUNNING, started_at=datetime.now(UTC))]
+
+    def agent(self, zone_id: str) -> Any:
+        if self._agent is None:
+            raise ZoneError("the agent did not reconnect within 10 s")
+        return self._agent
+
+
+class EmptyAgent:
+    def list(self) -> list[p.ContainerInfo]:
+        return []
+
+
+def with_backend(tmp_path: Path, backend: FakeBackend) -> PodManager:
+    return PodManager(
+        RuntimeConfig(state_dir=tmp_path),
+        RuntimeState(tmp_path),
+        cast(ZoneBackend, backend),
+        cast(ImageStore, FakeImages()),
+        None,
+    )
+
+
+def test_a_slow_agent_is_not_a_dead_zone(tmp_path: Path) -> None:
+    pods = with_backend(tmp_path, LiveZone(agent=None))
+    pods.state.sandboxes.put(sandbox())
+    pods.state.containers.put(container())
+    pods.refresh_containers(pods.sandbox(SID))
+    assert pods.sandbox(SID).state == SandboxState.READY
+    assert pods.container(CID).state == ContainerState.RUNNING
+    with pytest.raises(Unavailable, match="does not answer"):
+        pods.exec_sync(CID, ["true"], 1)
+
+
+def test_recovery_retires_containers_the_agent_never_created(tmp_path: Path) -> None:
+    pods = with_backend(tmp_path, LiveZone(agent=EmptyAgent()))
+    pods.state.sandboxes.put(sandbox())
+    pods.state.containers.put(container(ContainerState.CREATED))
+    pods.refresh_containers(pods.sandbox(SID))  # a live call leaves it: a create may be in flight
+    assert pods.container(CID).state == ContainerState.CREATED
+    pods.recover()
+    retired = pods.container(CID)
+    assert retired.state == ContainerState.EXITED and "unknown to the zone agent" in retired.message
+    assert pods.sandbox(SID).state == SandboxState.READY
