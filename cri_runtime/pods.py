@@ -555,15 +555,14 @@ class PodManager:
         record, agent = self._running_agent(container_id, "update")
         self._apply(record, agent.update_resources(container_id, resources_from_cri(res)))
 
-    def stats(self, container_id: str) -> p.Stats | None:
-        """Stats of a running container; None for one that is not running."""
-        record = self.container_status(container_id)
+    def stats(self, record: ContainerRecord) -> p.Stats | None:
+        """Stats of a container its caller has just refreshed; None unless it runs."""
         if record.state != ContainerState.RUNNING:
             return None
         try:
-            return self._agent(self.sandbox(record.sandbox_id)).stats(container_id)
+            return self._agent(self.sandbox(record.sandbox_id)).stats(record.id)
         except (AgentError, AgentGone) as exc:
-            log.warning("no stats", container=container_id, error=str(exc))
+            log.warning("no stats", container=record.id, error=str(exc))
             return None
 
     # -- recovery ---------------------------------------------------------------------------

@@ -402,8 +402,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def ContainerStats(
         self, request: api_pb2.ContainerStatsRequest, context: Any
     ) -> api_pb2.ContainerStatsResponse:
-        record = self.pods.container(request.container_id)
-        stats = self.pods.stats(record.id)
+        record = self.pods.container_status(request.container_id)
+        stats = self.pods.stats(record)
         return api_pb2.ContainerStatsResponse(stats=container_stats(record, stats))
 
     @cri_call
@@ -421,12 +421,12 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
                 continue
             if not _matches(r.labels, f.label_selector):
                 continue
-            out.append(container_stats(r, self.pods.stats(r.id)))
+            out.append(container_stats(r, self.pods.stats(r)))
         return api_pb2.ListContainerStatsResponse(stats=out)
 
     def _sandbox_stats(self, record: SandboxRecord) -> api_pb2.PodSandboxStats:
         containers = [
-            container_stats(c, self.pods.stats(c.id))
+            container_stats(c, self.pods.stats(c))
             for c in self.pods.containers_of(record.id)
             if c.state == ContainerState.RUNNING
         ]
