@@ -489,13 +489,18 @@ class PodManager:
             if sandbox is None or sandbox.state != SandboxState.READY:
                 return
             try:
-                info = self._agent(sandbox).stop(container_id, timeout_s)
-            except AgentGone as exc:
-                self._mark_dead(sandbox, str(exc))
-                return
+                agent = self._agent(sandbox)
             except FailedPrecondition:
                 return  # the zone is gone (_agent marked it dead): the container has exited
-            self._apply(record, info)
+        # The grace period runs without the pod lock, so kubelet's parallel stops of one pod's
+        # containers overlap; the agent orders operations on one container, and _apply only
+        # updates a record that still exists.
+        try:
+            info = agent.stop(container_id, timeout_s)
+        except AgentGone as exc:
+            self._mark_dead(sandbox, str(exc))
+            return
+        self._apply(record, info)
         log.info("container stopped", container=container_id, exit_code=info.exit_code)
 
     def remove_container(self, container_id: str) -> None:

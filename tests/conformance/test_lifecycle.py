@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -249,4 +251,41 @@ def test_labels_and_annotations_round_trip(cri: CriClient, image: str) -> None:
         )
     ).items
     assert [i.id for i in ready] == [pod]
+    cri.remove_pod(pod)
+
+
+def test_stops_of_one_pods_containers_overlap(cri: CriClient, image: str, tmp_path: Path) -> None:
+    """kubelet stops a pod's containers in parallel: each gets its SIGTERM at once, not after
+    the previous one's grace period ran out (the pod lock is not held across the grace)."""
+    pod_cfg = pod_config("parallel", log_directory=tmp_path)
+    pod = cri.run_pod(pod_cfg)
+    trap = "trap 'echo got-term' TERM; while true; do sleep 0.1; done"
+    ids = []
+    for name in ("a", "b"):
+        cid = cri.create(
+            pod, container_config(name, image, ["sh", "-c", trap], log_path=f"{name}.log"), pod_cfg
+        )
+        cri.start(cid)
+        ids.append(cid)
+    stoppers = [
+        threading.Thread(
+            target=cri.runtime.StopContainer,
+            args=(api_pb2.StopContainerRequest(container_id=cid, timeout=2),),
+        )
+        for cid in ids
+    ]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(30)
+    first_kill = min(cri.status(cid).finished_at for cid in ids)
+    for name in ("a", "b"):
+        stamp = next(
+            line.split()[0]
+            for line in (tmp_path / f"{name}.log").read_text().splitlines()
+            if line.endswith("got-term")
+        )
+        got_term = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        # both were told before either was killed
+        assert got_term.timestamp() * 1e9 < first_kill, name
     cri.remove_pod(pod)
