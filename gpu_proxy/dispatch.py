@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from cuda.bindings.driver import CUresult
 
-from gpu_proxy.backends.base import Stream
+from gpu_proxy.backends.base import Buffer, Stream
 from gpu_proxy.errors import (
     CUDA_ERROR_INVALID_VALUE,
     CUDA_ERROR_NOT_PERMITTED,
@@ -175,7 +175,7 @@ class ProxyCalls(CallHandlers[Caller]):
         ctx.zone.stats.record_memcpy(MemcpyDirection.HTOD, len(data))
         return CUDA_SUCCESS
 
-    def _dtoh(self, ctx: Caller, src: int, size: int, stream: Stream | None) -> bytes:
+    def _dtoh(self, ctx: Caller, src: int, size: int, stream: Stream | None) -> Buffer:
         ctx.zone.allocations.check_range(src, size)
         data = ctx.zone.backend.memcpy_dtoh(ctx.zone.context, src, size, stream)
         ctx.zone.stats.record_memcpy(MemcpyDirection.DTOH, size)

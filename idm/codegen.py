@@ -748,6 +748,26 @@ class _PyGen:
             out.append('    return b""')
         elif parts == ["_head"]:
             out.append("    return _head")
+        elif direction == "out":
+            # Replies carry device data: the parts form lets the host gather-send them from
+            # where they lie; the bytes form joins them.
+            params = _py_params(args)
+            names = ", ".join(a.name for a in args)
+            out[0] = f"def encode_{c.name}_reply_parts({params}) -> tuple[Buffer, ...]:"
+            if len(lay.tail) > 1:
+                out += [
+                    f"    _size = {' + '.join(f'_len({p})' for p in parts)}",
+                    "    if _size > IDM_MAX_PAYLOAD:",
+                    f'        raise _EncodeError(f"{where}: {{_size}} bytes, more than '
+                    f'IDM_MAX_PAYLOAD")',
+                ]
+            out += [
+                f"    return {_py_tuple(parts)}",
+                "",
+                "",
+                f"def encode_{c.name}_reply({params}) -> bytes:",
+                f'    return b"".join(encode_{c.name}_reply_parts({names}))',
+            ]
         else:
             out.append(f'    _out = b"".join({_py_tuple(parts)})')
             if len(lay.tail) > 1:
@@ -1047,6 +1067,8 @@ def _py_dispatch(calls: list[Call]) -> str:
         "    encode_reply: Callable[..., bytes] | None  # None: fire-and-forget, no reply",
         "    is_async: bool",
         "    codec: CallCodec",
+        "    # Replies with variable-length data: the encoder returning the parts to gather-send.",
+        "    encode_reply_parts: Callable[..., tuple[Buffer, ...]] | None = None",
         "",
         "",
         "DISPATCH: dict[int, Entry] = {",
@@ -1061,6 +1083,11 @@ def _py_dispatch(calls: list[Call]) -> str:
             f"        {enc},",
             f"        {c.is_async},",
             f"        codec.CALLS[{_hex(c.opcode)}],",
+            *(
+                [f"        codec.encode_{c.name}_reply_parts,"]
+                if not c.is_async and c.layout("out").tail
+                else []
+            ),
             "    ),",
         ]
     out += [
@@ -1069,10 +1096,11 @@ def _py_dispatch(calls: list[Call]) -> str:
         "",
         "def invoke(",
         "    handlers: CallHandlers[Ctx], ctx: Ctx, entry: Entry, payload: Buffer",
-        ") -> tuple[int, bytes]:",
+        ") -> tuple[int, bytes | tuple[Buffer, ...]]:",
         '    """Decode a request, run its handler and encode the reply: (CUresult, reply payload).',
         "",
-        "    The payload is empty for errors and for fire-and-forget calls (they get no reply).",
+        "    The payload is empty for errors and for fire-and-forget calls (they get no reply);",
+        "    a reply carrying variable-length data comes as parts to gather-send, not joined.",
         "    Raises DecodeError for a malformed request and EncodeError when the handler returned",
         "    something its call cannot carry (a bug in the backend).",
         '    """',
@@ -1096,6 +1124,8 @@ def _py_dispatch(calls: list[Call]) -> str:
         "    violation = entry.codec.reply_cap_violation(req, result)",
         "    if violation is not None:",
         "        raise EncodeError(violation)",
+        "    if entry.encode_reply_parts is not None:",
+        "        return CUDA_SUCCESS, entry.encode_reply_parts(*result)",
         "    return CUDA_SUCCESS, entry.encode_reply(*result)",
     ]
     return _lines(out)

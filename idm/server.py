@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import structlog
 
+from idm.callcodec import Buffer
 from idm.channel import Channel, ChannelClosed, ChannelError, PeerViolation
 from idm.wire import Flags, Header, Op, Status
 
@@ -23,7 +24,8 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int = 0
-    payload: bytes = b""
+    # Bytes, or parts sent as their concatenation (gathered: large device data is not joined).
+    payload: bytes | tuple[Buffer, ...] = b""
 
 
 # A handler gets the validated header and a payload view valid only during the call. It returns
@@ -135,4 +137,8 @@ class ChannelServer:
             reply = Reply(self.failures.handler_failed)
         if not flags & _ASYNC:
             reply = reply or _EMPTY_OK
-            self.channel.reply(header.opcode, header.seq, reply.status, reply.payload)
+            out = reply.payload
+            if isinstance(out, tuple):
+                self.channel.reply_parts(header.opcode, header.seq, reply.status, out)
+            else:
+                self.channel.reply(header.opcode, header.seq, reply.status, out)

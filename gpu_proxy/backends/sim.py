@@ -691,16 +691,29 @@ class SimBackend:
             return self._total - self._used, self._total
 
     def memcpy_htod(self, ctx: Context, dst: int, data: Buffer, stream: Stream | None) -> None:
-        """The source bytes are taken now, so the caller may reuse its buffer at once."""
+        """The source bytes are taken now, so the caller may reuse its buffer at once: the
+        legacy stream copies them before returning, another stream keeps a copy until it runs."""
         c = self._ctx(ctx)
-        payload = bytes(data)
-        slab, off = self._span(c, dst, len(payload))
-        self._submit(c, stream, lambda: _copy(slab, off, payload, 0, len(payload)))
+        view = memoryview(data).cast("B")
+        size = len(view)
+        slab, off = self._span(c, dst, size)
+        if stream is None:
+            self._submit(c, None, lambda: _copy(slab, off, view, 0, size))
+        else:
+            payload = bytes(view)
+            self._submit(c, stream, lambda: _copy(slab, off, payload, 0, size))
 
-    def memcpy_dtoh(self, ctx: Context, src: int, size: int, stream: Stream | None) -> bytes:
-        """Blocks until the copy has executed in stream order, then returns its bytes."""
+    def memcpy_dtoh(
+        self, ctx: Context, src: int, size: int, stream: Stream | None
+    ) -> bytes | memoryview:
+        """Blocks until the copy has executed in stream order, then returns its bytes. On the
+        legacy stream that is a read-only view of the device memory (no copy: the caller sends
+        it before it serves anything else); another stream's copy is taken in its order."""
         c = self._ctx(ctx)
         slab, off = self._span(c, src, size)
+        if stream is None:
+            self._submit(c, None, _nothing)
+            return memoryview(slab).toreadonly()[off : off + size]
         result: list[bytes] = []
         self._submit(c, stream, lambda: result.append(slab[off : off + size])).wait()
         return result[0]

@@ -232,6 +232,8 @@ class Entry(NamedTuple):
     encode_reply: Callable[..., bytes] | None  # None: fire-and-forget, no reply
     is_async: bool
     codec: CallCodec
+    # Replies with variable-length data: the encoder returning the parts to gather-send.
+    encode_reply_parts: Callable[..., tuple[Buffer, ...]] | None = None
 
 
 DISPATCH: dict[int, Entry] = {
@@ -274,6 +276,7 @@ DISPATCH: dict[int, Entry] = {
         codec.encode_cuDeviceGetName_reply,
         False,
         codec.CALLS[0x0105],
+        codec.encode_cuDeviceGetName_reply_parts,
     ),
     0x0106: Entry(
         "cuDeviceGetUuid_v2",
@@ -362,6 +365,7 @@ DISPATCH: dict[int, Entry] = {
         codec.encode_cuMemcpyDtoH_v2_reply,
         False,
         codec.CALLS[0x0211],
+        codec.encode_cuMemcpyDtoH_v2_reply_parts,
     ),
     0x0212: Entry(
         "cuMemcpyDtoD_v2",
@@ -386,6 +390,7 @@ DISPATCH: dict[int, Entry] = {
         codec.encode_cuMemcpyDtoHAsync_v2_reply,
         False,
         codec.CALLS[0x0219],
+        codec.encode_cuMemcpyDtoHAsync_v2_reply_parts,
     ),
     0x021A: Entry(
         "cuMemcpyDtoDAsync_v2",
@@ -624,10 +629,11 @@ DISPATCH: dict[int, Entry] = {
 
 def invoke(
     handlers: CallHandlers[Ctx], ctx: Ctx, entry: Entry, payload: Buffer
-) -> tuple[int, bytes]:
+) -> tuple[int, bytes | tuple[Buffer, ...]]:
     """Decode a request, run its handler and encode the reply: (CUresult, reply payload).
 
-    The payload is empty for errors and for fire-and-forget calls (they get no reply).
+    The payload is empty for errors and for fire-and-forget calls (they get no reply);
+    a reply carrying variable-length data comes as parts to gather-send, not joined.
     Raises DecodeError for a malformed request and EncodeError when the handler returned
     something its call cannot carry (a bug in the backend).
     """
@@ -651,4 +657,6 @@ def invoke(
     violation = entry.codec.reply_cap_violation(req, result)
     if violation is not None:
         raise EncodeError(violation)
+    if entry.encode_reply_parts is not None:
+        return CUDA_SUCCESS, entry.encode_reply_parts(*result)
     return CUDA_SUCCESS, entry.encode_reply(*result)

@@ -252,15 +252,18 @@ def decode_cuDeviceGetName_request(payload: Buffer) -> cuDeviceGetName_Request:
     return cuDeviceGetName_Request._make(_f)
 
 
-def encode_cuDeviceGetName_reply(name: Buffer) -> bytes:
+def encode_cuDeviceGetName_reply_parts(name: Buffer) -> tuple[Buffer, ...]:
     try:
         _x_name = _view(name)
     except TypeError:
         raise _EncodeError(f"cuDeviceGetName reply: name must be a bytes-like object, not {_type(name).__name__}") from None
     if _len(_x_name) > 256:
         raise _EncodeError(f"cuDeviceGetName reply: name is {_len(_x_name)} bytes, more than the max 256")
-    _out = b"".join((_U32.pack(_len(_x_name)), _x_name))
-    return _out
+    return (_U32.pack(_len(_x_name)), _x_name)
+
+
+def encode_cuDeviceGetName_reply(name: Buffer) -> bytes:
+    return b"".join(encode_cuDeviceGetName_reply_parts(name))
 
 
 def decode_cuDeviceGetName_reply(payload: Buffer) -> cuDeviceGetName_Reply:
@@ -793,15 +796,18 @@ def decode_cuMemcpyDtoH_v2_request(payload: Buffer) -> cuMemcpyDtoH_v2_Request:
     return cuMemcpyDtoH_v2_Request._make(_f)
 
 
-def encode_cuMemcpyDtoH_v2_reply(dstHost: Buffer) -> bytes:
+def encode_cuMemcpyDtoH_v2_reply_parts(dstHost: Buffer) -> tuple[Buffer, ...]:
     try:
         _x_dstHost = _view(dstHost)
     except TypeError:
         raise _EncodeError(f"cuMemcpyDtoH_v2 reply: dstHost must be a bytes-like object, not {_type(dstHost).__name__}") from None
     if _len(_x_dstHost) > 67108860:
         raise _EncodeError(f"cuMemcpyDtoH_v2 reply: dstHost is {_len(_x_dstHost)} bytes, more than the max 67108860")
-    _out = b"".join((_U32.pack(_len(_x_dstHost)), _x_dstHost))
-    return _out
+    return (_U32.pack(_len(_x_dstHost)), _x_dstHost)
+
+
+def encode_cuMemcpyDtoH_v2_reply(dstHost: Buffer) -> bytes:
+    return b"".join(encode_cuMemcpyDtoH_v2_reply_parts(dstHost))
 
 
 def decode_cuMemcpyDtoH_v2_reply(payload: Buffer) -> cuMemcpyDtoH_v2_Reply:
@@ -949,15 +955,18 @@ def decode_cuMemcpyDtoHAsync_v2_request(payload: Buffer) -> cuMemcpyDtoHAsync_v2
     return cuMemcpyDtoHAsync_v2_Request._make(_f)
 
 
-def encode_cuMemcpyDtoHAsync_v2_reply(dstHost: Buffer) -> bytes:
+def encode_cuMemcpyDtoHAsync_v2_reply_parts(dstHost: Buffer) -> tuple[Buffer, ...]:
     try:
         _x_dstHost = _view(dstHost)
     except TypeError:
         raise _EncodeError(f"cuMemcpyDtoHAsync_v2 reply: dstHost must be a bytes-like object, not {_type(dstHost).__name__}") from None
     if _len(_x_dstHost) > 67108860:
         raise _EncodeError(f"cuMemcpyDtoHAsync_v2 reply: dstHost is {_len(_x_dstHost)} bytes, more than the max 67108860")
-    _out = b"".join((_U32.pack(_len(_x_dstHost)), _x_dstHost))
-    return _out
+    return (_U32.pack(_len(_x_dstHost)), _x_dstHost)
+
+
+def encode_cuMemcpyDtoHAsync_v2_reply(dstHost: Buffer) -> bytes:
+    return b"".join(encode_cuMemcpyDtoHAsync_v2_reply_parts(dstHost))
 
 
 def decode_cuMemcpyDtoHAsync_v2_reply(payload: Buffer) -> cuMemcpyDtoHAsync_v2_Reply:
