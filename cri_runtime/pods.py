@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -57,6 +58,7 @@ BOOT_TIMEOUT_ANNOTATION = "vgpu-isolated.io/zone-boot-timeout"
 # StopPodSandbox terminates forcibly: kubelet has already stopped each container with its own
 # grace period (StopContainer), as containerd assumes too.
 ZONE_STOP_GRACE_S = 0.0
+RECOVERY_WORKERS = 16
 
 
 def new_id() -> str:
@@ -575,6 +577,7 @@ class PodManager:
     def recover(self) -> None:
         """Reconcile records with the zones that exist after a restart."""
         zones = {z.zone_id: z for z in self.backend.list()}
+        running: list[SandboxRecord] = []
         for record in self.state.sandboxes.all():
             zone = zones.pop(record.id, None)
             if record.state == SandboxState.CREATING:
@@ -590,9 +593,13 @@ class PodManager:
                         self._stop_zone_logged(record.id)
                     self._unregister_gpu(record)
                 else:
-                    self.refresh_containers(record, forget_unknown=True)
+                    running.append(record)
             elif zone is not None:
                 self._stop_zone_logged(record.id)
+        # Each zone's agent reconnects on its own schedule (up to a second apart): wait for them
+        # side by side, not one after another, before the runtime listens.
+        with ThreadPoolExecutor(RECOVERY_WORKERS, thread_name_prefix="recover") as pool:
+            list(pool.map(lambda r: self.refresh_containers(r, forget_unknown=True), running))
         for orphan in zones.values():
             log.warning("stopping a zone no sandbox owns", zone=orphan.zone_id, pid=orphan.pid)
             self._stop_zone_logged(orphan.zone_id)
