@@ -16,7 +16,6 @@ checked in, so the runtime needs neither the wheel nor protoc; a test runs --che
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
+
+from vgpu_common.generated import generator_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "container-runtime-interface-api==2.0.1"
@@ -97,41 +98,16 @@ def generate(out: Path, cache: Path = CACHE) -> None:
         raise RuntimeError(f"protoc failed on {PROTO_NAME} (exit {rc})")
 
 
-def stale_files(root: Path) -> list[str]:
-    """The outputs under root whose checked-in text differs from a fresh generation."""
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        stale = []
-        for name in OUTPUTS:
-            current = root / GEN / name
-            if (
-                not current.exists()
-                or current.read_bytes() != (Path(tmp) / GEN / name).read_bytes()
-            ):
-                stale.append(str(GEN / name))
-        return stale
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m cri_runtime.cri.protogen", description=(__doc__ or "").split("\n")[0]
+    return generator_main(
+        argv,
+        prog="python -m cri_runtime.cri.protogen",
+        description=(__doc__ or "").split("\n")[0],
+        root=ROOT,
+        gen=GEN,
+        outputs=OUTPUTS,
+        generate=lambda _root, out: generate(out),  # the source is the pinned wheel, not root
     )
-    ap.add_argument("--check", action="store_true", help="only report stale outputs (exit 1)")
-    ap.add_argument("--root", type=Path, default=ROOT, help="repository root to work under")
-    args = ap.parse_args(argv)
-    if args.check:
-        stale = stale_files(args.root)
-        for rel in stale:
-            print(f"stale: {rel}", file=sys.stderr)
-        if stale:
-            print("protogen: CRI stubs are out of date: run `python -m cri_runtime.cri.protogen`",
-                  file=sys.stderr)  # fmt: skip
-            return 1
-        return 0
-    generate(args.root)
-    for name in OUTPUTS:
-        print(f"wrote {GEN / name}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ real package path (protoc's usual output imports a top-level `events_pb2`).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from grpc_tools import protoc
+
+from vgpu_common.generated import generator_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = Path("gpu_proxy/proto")
@@ -50,42 +50,16 @@ def generate(root: Path, out: Path) -> None:
         raise RuntimeError(f"protoc failed on {root / PROTO_DIR} (exit {rc})")
 
 
-def stale_files(root: Path) -> list[str]:
-    """The outputs under root whose checked-in text differs from a fresh generation."""
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(root, Path(tmp))
-        stale = []
-        for name in OUTPUTS:
-            fresh = (Path(tmp) / GEN / name).read_bytes()
-            current = root / GEN / name
-            if not current.exists() or current.read_bytes() != fresh:
-                stale.append(str(GEN / name))
-        return stale
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m gpu_proxy.proto.protogen", description=(__doc__ or "").split("\n")[0]
+    return generator_main(
+        argv,
+        prog="python -m gpu_proxy.proto.protogen",
+        description=(__doc__ or "").split("\n")[0],
+        root=ROOT,
+        gen=GEN,
+        outputs=OUTPUTS,
+        generate=generate,
     )
-    ap.add_argument("--check", action="store_true", help="only report stale outputs (exit 1)")
-    ap.add_argument("--root", type=Path, default=ROOT, help="repository root to work under")
-    args = ap.parse_args(argv)
-    if args.check:
-        stale = stale_files(args.root)
-        for rel in stale:
-            print(f"stale: {rel}", file=sys.stderr)
-        if stale:
-            print(
-                "protogen: generated files are out of date: "
-                "run `python -m gpu_proxy.proto.protogen`",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    generate(args.root, args.root)
-    for name in OUTPUTS:
-        print(f"wrote {GEN / name}")
-    return 0
 
 
 if __name__ == "__main__":
