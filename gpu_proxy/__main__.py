@@ -2,10 +2,11 @@
 
     gpu-proxy [--config FILE] [--backend auto|cuda|sim] [--zone NAME=BYTES ...]
 
-Serves one unix socket per zone (guest processes connect there over the IDM channel), zone
-registration for vgpu-runtime (gRPC ZoneControl) on control_address, Prometheus metrics and
-/healthz on --metrics-port (default 9400), and the zone event stream (gRPC) on
-events_address. SIGTERM/SIGINT: stop accepting, close every channel, release every zone's GPU
+Serves one unix socket per zone (guest processes connect there over the IDM channel), in Dom0
+the grant channels Xen zones offer (found through a xenstore watch), zone registration for
+vgpu-runtime (gRPC ZoneControl) on control_address, Prometheus metrics and /healthz on
+--metrics-port (default 9400), and the zone event stream (gRPC) on events_address.
+SIGTERM/SIGINT: stop accepting, close every channel, release every zone's GPU
 objects, exit 0.
 """
 
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -30,7 +32,12 @@ from gpu_proxy.telemetry.metrics import ProxyCollector
 from gpu_proxy.telemetry.zone_stats import ZoneIdentity
 from vgpu_common.logs import configure_logging
 
+if TYPE_CHECKING:
+    from gpu_proxy.xen_zones import XenZoneWatcher
+
 log = structlog.stdlib.get_logger("gpu_proxy")
+
+CAPABILITIES = Path("/proc/xen/capabilities")
 
 EPILOG = f"""\
 configuration: defaults, then the TOML file (--config, else {DEFAULT_CONFIG} if present), then
@@ -54,6 +61,31 @@ def make_backend(config: ProxyConfig) -> GpuBackend:
         return SimBackend(config.sim_model)
 
 
+def in_dom0() -> bool:
+    """Xen's control domain: the one place Xen zones' grant channels can be served from."""
+    try:
+        return "control_d" in CAPABILITIES.read_text()
+    except OSError:
+        return False
+
+
+def start_xen_zones(config: ProxyConfig, registry: ZoneRegistry) -> "XenZoneWatcher | None":
+    """The xenstore watch that attaches Xen zones' offers, if configured (or auto and in Dom0)."""
+    if config.xen_zones == "off" or (config.xen_zones == "auto" and not in_dom0()):
+        return None
+    from gpu_proxy.xen_zones import XenZoneWatcher
+    from idm.xen.xenstore import Xenstore
+
+    xs = Xenstore.connect()
+    return XenZoneWatcher(
+        registry,
+        xs,
+        host_domid=xs.own_domid(),
+        default_limit=config.default_memory_limit,
+        gpu_index=config.gpu,
+    )
+
+
 def parse_zone(text: str) -> tuple[str, int]:
     name, sep, size = text.partition("=")
     if not sep or not name or not size.isdigit() or int(size) <= 0:
@@ -74,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, help="/metrics and /healthz port (0: any)")
     parser.add_argument("--events-address", help="gRPC address of the event stream")
     parser.add_argument("--control-address", help="gRPC address of zone registration")
+    parser.add_argument(
+        "--xen-zones",
+        choices=["auto", "on", "off"],
+        help="serve Xen zones' grant channels (auto: when running in Dom0)",
+    )
     parser.add_argument("--log-console", action="store_true", help="human-readable logs")
     parser.add_argument(
         "--zone",
@@ -96,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "metrics_port": args.metrics_port,
             "events_address": args.events_address,
             "control_address": args.control_address,
+            "xen_zones": args.xen_zones,
             "log_json": False if args.log_console else None,
         }.items()
         if value is not None
@@ -110,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     config.socket_dir.mkdir(parents=True, exist_ok=True)
     bus = EventBus()
     registry = ZoneRegistry(backend, config.socket_dir, bus)
+    try:
+        xen_zones = start_xen_zones(config, registry)
+    except OSError as exc:
+        log.error("cannot serve Xen zones: xenstore is unreachable", reason=str(exc))
+        registry.close()
+        return 1
     metrics = CollectorRegistry()
     metrics.register(ProxyCollector(lambda: list(registry.zones()), registry.proxy_stats))
     stop = threading.Event()
@@ -133,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         events=config.events_address,
         control=config.control_address,
         socket_dir=str(config.socket_dir),
+        xen_zones=xen_zones is not None,
     )
     for name, limit in args.zone:
         path = registry.register(ZoneIdentity(zone=name, domid=0, gpu_index=config.gpu), limit)
@@ -142,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     log.info("gpu-proxy stopping")
     control.stop(5).wait()
+    if xen_zones is not None:
+        xen_zones.stop()
     registry.close()
     bus.close()
     events.stop(5).wait()

@@ -37,6 +37,13 @@ class ProxyConfig(TomlSettings):
         "unix:///run/vgpu-isolated/gpu-proxy-events.sock",
         description="gRPC address of the zone event stream (unix:///path or host:port)",
     )
+    xen_zones: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "serve Xen zones' grant channels (found through a xenstore watch); "
+            "auto: when this is Dom0 (/proc/xen/capabilities says control_d)"
+        ),
+    )
     log_json: bool = Field(True, description="JSON lines (services) or console (humans)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

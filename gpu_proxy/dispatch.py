@@ -20,7 +20,9 @@ from gpu_proxy.errors import (
     CUDA_ERROR_NOT_READY,
     CudaError,
     InvalidDevice,
+    InvalidHandle,
     InvalidValue,
+    NotFound,
     OutOfMemory,
 )
 from gpu_proxy.gen.dispatch_table import DISPATCH, CallHandlers, invoke
@@ -34,6 +36,13 @@ from idm.server import Reply
 from idm.wire import Header
 
 DEVICE = 0  # one GPU per proxy instance; a zone sees it as device 0
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+CU_EVENT_DISABLE_TIMING = 0x2
+# Host-function marks one process may have outstanding: each holds a backend event.
+MAX_HOST_MARKS = 4096
+# Calls libvgpu makes on its own behalf (its host-function thread): an earlier fire-and-forget
+# error is not theirs to take, it stays for the application's next call.
+KEEPS_DEFERRED_ERROR = frozenset({"vgpuHostFuncPoll"})
 
 H = HandleKind
 
@@ -169,6 +178,24 @@ class ProxyCalls(CallHandlers[Caller]):
         zone.stats.record_free()
         return CUDA_SUCCESS
 
+    def cuMemFreeAsync(self, ctx: Caller, req: c.cuMemFreeAsync_Request) -> int:
+        """The zone can no longer name the memory; its quota gets it back when the stream has
+        run the free."""
+        zone = ctx.zone
+        stream = _stream(ctx, req.hStream)
+        size = zone.allocations.remove(req.dptr)
+
+        def freed() -> None:
+            zone.ledger.release(zone.id, size)
+            zone.stats.record_free()
+
+        try:
+            zone.backend.mem_free_async(zone.context, req.dptr, stream, freed)
+        except BaseException:
+            zone.allocations.add(req.dptr, size)
+            raise
+        return CUDA_SUCCESS
+
     def _htod(self, ctx: Caller, dst: int, data: memoryview, stream: Stream | None) -> int:
         ctx.zone.allocations.check_range(dst, len(data))
         ctx.zone.backend.memcpy_htod(ctx.zone.context, dst, data, stream)
@@ -237,13 +264,40 @@ class ProxyCalls(CallHandlers[Caller]):
     def cuModuleLoadData(
         self, ctx: Caller, req: c.cuModuleLoadData_Request
     ) -> c.cuModuleLoadData_Reply:
-        module = ctx.zone.backend.module_load(ctx.zone.context, bytes(req.image))
-        return c.cuModuleLoadData_Reply(ctx.zone.handles.add(H.MODULE, module))
+        """A module's variables are device memory: charged to the zone's quota (a module with
+        huge `__device__` arrays must not get around it), and registered as ranges the zone may
+        copy to and from, but not free."""
+        zone = ctx.zone
+        module = zone.backend.module_load(zone.context, bytes(req.image))
+        charge = sum(v.size for v in module.globals.values())
+        try:
+            if charge:
+                zone.ledger.reserve(zone.id, charge)
+        except OutOfMemory:
+            zone.backend.module_unload(zone.context, module)
+            raise
+        handle = zone.handles.add(H.MODULE, module)
+        for var in module.globals.values():
+            zone.allocations.add(var.address, var.size, owner=handle)
+        return c.cuModuleLoadData_Reply(handle)
 
     def cuModuleUnload(self, ctx: Caller, req: c.cuModuleUnload_Request) -> int:
-        module = ctx.zone.handles.remove(H.MODULE, req.hmod)  # its functions go with it
-        ctx.zone.backend.module_unload(ctx.zone.context, module)
+        zone = ctx.zone
+        module = zone.handles.remove(H.MODULE, req.hmod)  # its functions go with it
+        charge = zone.allocations.remove_owned(req.hmod)
+        zone.backend.module_unload(zone.context, module)
+        if charge:
+            zone.ledger.release(zone.id, charge)
         return CUDA_SUCCESS
+
+    def cuModuleGetGlobal_v2(
+        self, ctx: Caller, req: c.cuModuleGetGlobal_v2_Request
+    ) -> c.cuModuleGetGlobal_v2_Reply:
+        module = ctx.zone.handles.get(H.MODULE, req.hmod)
+        var = module.globals.get(req.name.decode(errors="replace"))
+        if var is None:
+            raise NotFound(f"module has no variable {req.name[:200]!r}")
+        return c.cuModuleGetGlobal_v2_Reply(var.address, var.size)
 
     def cuModuleGetFunction(
         self, ctx: Caller, req: c.cuModuleGetFunction_Request
@@ -256,6 +310,15 @@ class ProxyCalls(CallHandlers[Caller]):
     def cuFuncGetAttribute(self, ctx: Caller, req: c.cuFuncGetAttribute_Request) -> int:
         ctx.zone.handles.get(H.FUNCTION, req.hfunc)
         return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuFuncSetAttribute(self, ctx: Caller, req: c.cuFuncSetAttribute_Request) -> int:
+        """Only the dynamic shared memory limit reaches the backend: it is what a launch is
+        checked against. Other attributes are libvgpu's to keep."""
+        fn = ctx.zone.handles.get(H.FUNCTION, req.hfunc)
+        if req.attrib != CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES:
+            return CUDA_ERROR_NOT_SUPPORTED
+        ctx.zone.backend.function_set_max_dynamic_shared(ctx.zone.context, fn, req.value)
+        return CUDA_SUCCESS
 
     def cuLaunchKernel(self, ctx: Caller, req: c.cuLaunchKernel_Request) -> int:
         zone = ctx.zone
@@ -328,6 +391,31 @@ class ProxyCalls(CallHandlers[Caller]):
         ctx.zone.backend.event_destroy(ctx.zone.context, event)
         return CUDA_SUCCESS
 
+    # -- host functions: libvgpu runs them; gpu-proxy tells it when their stream got there ------
+
+    def vgpuHostFuncMark(self, ctx: Caller, req: c.vgpuHostFuncMark_Request) -> int:
+        zone = ctx.zone
+        if len(ctx.host_marks) >= MAX_HOST_MARKS or req.mark in ctx.host_marks:
+            raise InvalidValue(f"host-function mark {req.mark}: duplicate or too many pending")
+        stream = _stream(ctx, req.hStream)
+        event = zone.backend.event_create(zone.context, CU_EVENT_DISABLE_TIMING)
+        zone.backend.event_record(zone.context, event, stream)
+        ctx.host_marks[req.mark] = event
+        return CUDA_SUCCESS
+
+    def vgpuHostFuncPoll(
+        self, ctx: Caller, req: c.vgpuHostFuncPoll_Request
+    ) -> c.vgpuHostFuncPoll_Reply:
+        zone = ctx.zone
+        event = ctx.host_marks.get(req.mark)
+        if event is None:
+            raise InvalidHandle(f"no host-function mark {req.mark}")
+        if not zone.backend.event_query(zone.context, event):
+            return c.vgpuHostFuncPoll_Reply(0)
+        del ctx.host_marks[req.mark]
+        zone.backend.event_destroy(zone.context, event)
+        return c.vgpuHostFuncPoll_Reply(1)
+
     # -- inter-process sharing: never across a zone's boundary ---------------------------------
 
     def cuIpcGetMemHandle(self, ctx: Caller, req: c.cuIpcGetMemHandle_Request) -> int:
@@ -365,7 +453,7 @@ def call_handlers(caller: Caller) -> dict[int, Handler]:
 
     def handle(header: Header, payload: memoryview) -> Reply | None:
         entry = DISPATCH[header.opcode]
-        if not entry.is_async and caller.deferred_error:
+        if not entry.is_async and caller.deferred_error and entry.name not in KEEPS_DEFERRED_ERROR:
             status, caller.deferred_error = caller.deferred_error, 0
             return Reply(status)
         started = time.perf_counter()

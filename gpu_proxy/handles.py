@@ -199,10 +199,13 @@ class DeviceAllocations:
         self._lock = threading.Lock()
         self._bases: list[int] = []
         self._sizes: dict[int, int] = {}
+        self._owners: dict[int, int] = {}  # base -> module handle, for modules' variables
 
-    def add(self, base: int, size: int) -> None:
-        """Record an allocation the backend just made. An overlap means the backend and this
-        table disagree, which is a proxy bug, so it raises ValueError rather than a CUresult."""
+    def add(self, base: int, size: int, owner: int | None = None) -> None:
+        """Record an allocation the backend just made; `owner` names the module whose variable
+        it is (not freeable by cuMemFree, gone with the module). An overlap means the backend
+        and this table disagree, which is a proxy bug, so it raises ValueError rather than a
+        CUresult."""
         if base <= 0 or size <= 0 or base + size > U64_LIMIT:
             raise ValueError(f"bad allocation [{base:#x}, +{size:#x})")
         with self._lock:
@@ -213,16 +216,28 @@ class DeviceAllocations:
                 raise ValueError(f"allocation [{base:#x}, +{size:#x}) overlaps a live one")
             insort(self._bases, base)
             self._sizes[base] = size
+            if owner is not None:
+                self._owners[base] = owner
 
     def remove(self, base: int) -> int:
         """Forget the allocation starting at `base` (cuMemFree) and return its size; anything
-        but the base of a live allocation is InvalidValue, as in CUDA."""
+        but the base of a live allocation (a module's variable included) is InvalidValue, as in
+        CUDA."""
         with self._lock:
-            size = self._sizes.pop(base, None)
-            if size is None:
+            if base in self._owners or base not in self._sizes:
                 raise InvalidValue(f"{base:#x} is not a live allocation of this zone")
-            del self._bases[bisect_right(self._bases, base) - 1]
-            return size
+            return self._forget(base)
+
+    def remove_owned(self, owner: int) -> int:
+        """Forget every variable of module `owner` (unloaded); returns their total size."""
+        with self._lock:
+            bases = [base for base, o in self._owners.items() if o == owner]
+            return sum(self._forget(base) for base in bases)
+
+    def _forget(self, base: int) -> int:
+        self._owners.pop(base, None)
+        del self._bases[bisect_right(self._bases, base) - 1]
+        return self._sizes.pop(base)
 
     def check_range(self, ptr: int, length: int) -> tuple[int, int]:
         """(base, offset) of the one allocation holding all of [ptr, ptr + length); else
@@ -239,11 +254,13 @@ class DeviceAllocations:
         raise InvalidValue(f"range {ptr:#x}+{length:#x} is not inside one allocation of this zone")
 
     def drain(self) -> list[tuple[int, int]]:
-        """Empty the table at zone teardown; return the (base, size) pairs still allocated."""
+        """Empty the table at zone teardown; return the (base, size) pairs still allocated
+        (modules' variables are not: they go with their modules)."""
         with self._lock:
-            held = [(base, self._sizes[base]) for base in self._bases]
+            held = [(base, self._sizes[base]) for base in self._bases if base not in self._owners]
             self._bases.clear()
             self._sizes.clear()
+            self._owners.clear()
             return held
 
     def __len__(self) -> int:

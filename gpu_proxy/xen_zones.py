@@ -15,21 +15,27 @@ other subdirectories are the domain's), so the zone cannot write that key; the w
 ignores the key if its permissions would let the zone write it. ``/local/domain/<domid>/name``
 (set by the toolstack, read-only to the domain) labels the zone's telemetry.
 
-An offer is tried once per distinct set of published values: a refused offer is logged and not
-retried until the zone withdraws it or publishes different values; once an attached channel
-closes, the zone's next offer of it is attached (even if Xen handed out the same refs and ports).
-Offers of the host's own domain are not zones and are left alone (the Dom0 loopback self-test
-uses them).
+A zone has as many channels as it has CUDA processes (its agent's broker offers ``gpu-<n>`` for
+each), and they come and go. An offer is tried once per distinct set of published values: a
+refused offer is logged and not retried until the zone withdraws it or publishes different
+values. An attached channel whose offer is withdrawn (or replaced by different values) is shut
+down: the zone side has released or is releasing its grants, and nobody would ever use it again.
+Once an attached channel closes, the zone's next offer of that name is attached (even if Xen
+handed out the same refs and ports); a withdrawn one's domain is rescanned as soon as it has
+closed, since the new offer may have been published while it was closing. Offers of the host's
+own domain are not zones and are left alone (the Dom0 loopback self-test uses them).
 """
 
 import contextlib
 import re
 import threading
+from dataclasses import dataclass
 
 import structlog
 
 from gpu_proxy.registry import UnknownZone, ZoneAlreadyRegistered, ZoneRegistry
 from gpu_proxy.telemetry.zone_stats import ZoneIdentity
+from idm.channel import Channel
 from idm.links.grant import STATE_OFFERED, ZONE_KEYS, GrantLink, zone_path
 from idm.xen.xenstore import Xenstore, XenstoreError
 
@@ -38,8 +44,21 @@ log = structlog.get_logger(__name__)
 DOMAINS = "/local/domain"
 _DOMAIN_EVENT = re.compile(r"/local/domain/([0-9]{1,5})(?:/.*)?")
 _DECIMAL = re.compile(r"[1-9][0-9]{0,19}")
+# ``state`` first: the zone writes it last, so once it reads "offered" the other keys read after
+# it are complete (read the other way round, a scan during the writes sees a torn offer).
+_OFFER_KEYS = ("state", *(key for key in ZONE_KEYS if key != "state"))
 # How long the thread blocks on the watch before it looks at ``stop()``.
 POLL_S = 0.2
+
+
+@dataclass(slots=True)
+class _Served:
+    """An attached channel and the offer values it was attached from."""
+
+    name: str
+    values: tuple[str | None, ...]
+    channel: Channel
+    withdrawn: bool = False  # shut down because the zone withdrew or replaced the offer
 
 
 def zone_id(domid: int) -> str:
@@ -80,7 +99,11 @@ class XenZoneWatcher:
         self.gpu_index = gpu_index
         # The values of each channel's last offer tried (attached or refused).
         self._tried: dict[tuple[int, str], tuple[str | None, ...]] = {}
-        self._lock = threading.Lock()  # _tried is also cleared by channel servers' threads
+        # Channels being served, by (domid, name).
+        self._served: dict[tuple[int, str], _Served] = {}
+        # Domains to rescan: a withdrawn channel of theirs closed (set by its serving thread).
+        self._rescan: set[int] = set()
+        self._lock = threading.Lock()  # guards the three above
         # Domains this watcher served: the zones it tears down when their domain goes.
         self._zones: set[int] = set()
         self._stop = threading.Event()
@@ -101,9 +124,13 @@ class XenZoneWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             changed = self._watch.wait(POLL_S)
-            if changed is None:
-                continue
+            with self._lock:
+                rescan, self._rescan = self._rescan, set()
             try:
+                for domid in sorted(rescan):
+                    self._scan(domid)
+                if changed is None:
+                    continue
                 match = _DOMAIN_EVENT.fullmatch(changed)
                 if match is None:
                     self._scan_all()
@@ -124,19 +151,43 @@ class XenZoneWatcher:
         if self.xs.read(f"{DOMAINS}/{domid}") is None:
             self._domain_gone(domid)
             return
-        for name in _children(self.xs, f"{DOMAINS}/{domid}/data/vgpu"):
+        names = set(_children(self.xs, f"{DOMAINS}/{domid}/data/vgpu"))
+        with self._lock:
+            for key in [key for key in self._tried if key[0] == domid and key[1] not in names]:
+                del self._tried[key]  # withdrawn: a new offer of that name is tried
+            withdrawn = [
+                served
+                for key, served in self._served.items()
+                if key[0] == domid and key[1] not in names
+            ]
+        for name in sorted(names):
+            key = (domid, name)
             path = zone_path(domid, name)
-            values = tuple(self.xs.read(f"{path}/{key}") for key in ZONE_KEYS)
+            values = tuple(self.xs.read(f"{path}/{key_}") for key_ in _OFFER_KEYS)
             with self._lock:
-                if values[-1] != STATE_OFFERED:
-                    self._tried.pop((domid, name), None)  # withdrawn: a new offer is tried
+                served = self._served.get(key)
+                if served is not None:
+                    if served.values != values:  # withdrawn or re-offered: close it first
+                        withdrawn.append(served)
                     continue
-                if self._tried.get((domid, name)) == values:
+                if values[0] != STATE_OFFERED:
+                    self._tried.pop(key, None)
                     continue
-                self._tried[(domid, name)] = values
-            self._attach(domid, name)
+                if self._tried.get(key) == values:
+                    continue
+                self._tried[key] = values
+            self._attach(domid, name, values)
+        for served in withdrawn:
+            with self._lock:
+                first, served.withdrawn = not served.withdrawn, True
+            if first:
+                # Its serving thread closes it and unmaps; the close rescans this domain.
+                log.info(
+                    "xen channel withdrawn by the zone", zone=zone_id(domid), channel=served.name
+                )
+                served.channel.shutdown()
 
-    def _attach(self, domid: int, name: str) -> None:
+    def _attach(self, domid: int, name: str, values: tuple[str | None, ...]) -> None:
         try:
             link = GrantLink.attach(domid, name, self.xs, host_domid=self.host_domid)
         except (ValueError, OSError) as exc:
@@ -148,12 +199,20 @@ class XenZoneWatcher:
             self.registry.add(self._identity(domid), self._memory_limit(domid))
         self._zones.add(domid)
 
+        channel = link.open_channel()
+
         def closed() -> None:
             link.close()
             with self._lock:  # the zone may offer this channel again, even with equal values
                 self._tried.pop((domid, name), None)
+                served = self._served.get((domid, name))
+                if served is not None and served.channel is channel:
+                    del self._served[(domid, name)]
+                    if served.withdrawn:  # the zone's new offer may be complete already
+                        self._rescan.add(domid)
 
-        channel = link.open_channel()
+        with self._lock:
+            self._served[(domid, name)] = _Served(name, values, channel)
         try:
             self.registry.serve_channel(zone, channel, on_close=closed)
         except UnknownZone:  # removed by the registry's owner meanwhile

@@ -9,7 +9,7 @@ has its own.
 
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -96,3 +96,5 @@ class Caller:
     # The first error of a fire-and-forget call, reported by the next sync call (CUDA's
     # asynchronous error semantics).
     deferred_error: int = 0
+    # Host-function marks (vgpuHostFuncMark): libvgpu's mark -> the backend event recorded there.
+    host_marks: dict[int, Any] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""cffi builder for ``idm._ring``: the C ring, doorbells, hello and LocalLink, compiled once.
+"""cffi builder for ``idm._ring``: the C ring, doorbells, hello and the C links, compiled once.
 
 gpu-proxy and the tests call the same C that libvgpu links, so both ends of a channel always run
 one implementation. Struct layouts marked ``...`` are taken from the C compiler, not restated.
@@ -9,7 +9,7 @@ from pathlib import Path
 from cffi import FFI
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ["ring.c", "bell.c", "hello.c", "local_link.c"]
+SOURCES = ["ring.c", "bell.c", "hello.c", "local_link.c", "grant_fd_link.c"]
 
 CDEF = """
 #define IDM_MAGIC ...
@@ -40,6 +40,10 @@ CDEF = """
 #define IDM_SIDE_HOST ...
 #define IDM_LOCAL_MAGIC ...
 #define IDM_LOCAL_NFDS ...
+#define IDM_GRANT_FD_MAGIC ...
+#define IDM_GRANT_FD_NFDS ...
+#define IDM_GRANT_FD_WHY_LEN ...
+#define IDM_EVTCHN_PORT_MAX ...
 
 struct iovec { void *iov_base; size_t iov_len; };
 
@@ -64,6 +68,13 @@ struct idm_endpoint {
 struct idm_local_offer { uint32_t magic; uint32_t layout_version; struct idm_layout layout; };
 struct idm_local_link { struct idm_endpoint ep; void *base; size_t len; int sock;
                         int fds[5]; };
+struct idm_grant_fd_offer {
+    uint32_t magic; uint32_t layout_version; int32_t status; uint32_t reserved;
+    struct idm_layout layout; uint64_t mmap_offset; uint64_t mmap_length;
+    uint32_t req_port; uint32_t rsp_port; char why[128];
+};
+struct idm_grant_fd_link { struct idm_endpoint ep; void *base; size_t len; int sock;
+                           int fds[3]; };
 
 size_t idm_region_size(const struct idm_layout *lay);
 void idm_region_format(void *base, const struct idm_layout *lay);
@@ -92,6 +103,9 @@ int idm_local_connect(struct idm_local_link *link, const char *path,
                       const struct idm_layout *lay, char *why, size_t why_len);
 int idm_local_accept(struct idm_local_link *link, int sock, char *why, size_t why_len);
 void idm_local_release(struct idm_local_link *link);
+int idm_grant_fd_connect(struct idm_grant_fd_link *link, const char *path, int timeout_ms,
+                         char *why, size_t why_len);
+void idm_grant_fd_release(struct idm_grant_fd_link *link);
 """
 
 ffibuilder = FFI()

@@ -10,7 +10,7 @@ Stream-ordered operations take ``stream=None`` for the legacy default stream, wh
 CUDA) waits for all other streams of the context before running and runs synchronously.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,11 +43,23 @@ class Event(Protocol):
     """An event of one context."""
 
 
+@dataclass(frozen=True)
+class DeviceGlobal:
+    """Where a module's `__device__`/`__constant__` variable lives while the module is loaded."""
+
+    address: int
+    size: int
+
+
 class Module(Protocol):
-    """A loaded module; ``kernels`` gives every kernel's parameter layout."""
+    """A loaded module; ``kernels`` gives every kernel's parameter layout, ``globals`` every
+    variable's device memory (allocated by the load, freed by the unload)."""
 
     @property
     def kernels(self) -> Mapping[str, KernelInfo]: ...
+
+    @property
+    def globals(self) -> Mapping[str, DeviceGlobal]: ...
 
 
 class Function(Protocol):
@@ -70,6 +82,12 @@ class GpuBackend(Protocol):
     # memory (addresses are device virtual addresses)
     def mem_alloc(self, ctx: Context, size: int) -> int: ...
     def mem_free(self, ctx: Context, ptr: int) -> None: ...
+    def mem_free_async(
+        self, ctx: Context, ptr: int, stream: Stream | None, freed: Callable[[], None]
+    ) -> None:
+        """cuMemFreeAsync: free once the stream's earlier work has run, then call `freed`."""
+        ...
+
     def mem_info(self) -> tuple[int, int]: ...  # (free, total) of the physical device
     def memcpy_htod(self, ctx: Context, dst: int, data: Buffer, stream: Stream | None) -> None: ...
     def memcpy_dtoh(self, ctx: Context, src: int, size: int, stream: Stream | None) -> Buffer: ...
@@ -84,6 +102,10 @@ class GpuBackend(Protocol):
     def module_load(self, ctx: Context, image: bytes) -> Module: ...
     def module_unload(self, ctx: Context, module: Module) -> None: ...
     def module_function(self, ctx: Context, module: Module, name: str) -> Function: ...
+    def function_set_max_dynamic_shared(self, ctx: Context, fn: Function, nbytes: int) -> None:
+        """cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES): the opt-in launch limit."""
+        ...
+
     def launch(
         self,
         ctx: Context,

@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 from cuda.bindings import driver
 from cuda.pathfinder import DynamicLibNotFoundError
 
-from gpu_proxy.backends.base import Buffer, Context, DeviceInfo, Event, Function, Module, Stream
+from gpu_proxy.backends.base import (
+    Buffer,
+    Context,
+    DeviceGlobal,
+    DeviceInfo,
+    Event,
+    Function,
+    Module,
+    Stream,
+)
 from gpu_proxy.errors import (
     CudaError,
     DriverError,
@@ -164,6 +173,7 @@ class CudaEvent:
 class CudaModule:
     handle: Any  # CUmodule
     kernels: Mapping[str, KernelInfo]
+    globals: Mapping[str, DeviceGlobal]
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,6 +301,16 @@ class CudaBackend:
         with _current(ctx):
             _call(driver.cuMemFree, ptr)
 
+    def mem_free_async(
+        self, ctx: Context, ptr: int, stream: Stream | None, freed: Callable[[], None]
+    ) -> None:
+        """The memory came from cuMemAlloc, not a pool: the stream's earlier work is waited
+        for, then it is freed (the zone's thread waits instead of the stream)."""
+        with _current(ctx):
+            _call(driver.cuStreamSynchronize, _stream(stream))
+            _call(driver.cuMemFree, ptr)
+        freed()
+
     def mem_info(self) -> tuple[int, int]:
         _call(driver.cuCtxPushCurrent, self._primary)
         try:
@@ -360,7 +380,17 @@ class CudaBackend:
         data = image + b"\0" if parsed.kind is ImageKind.PTX else image
         with _current(ctx):
             handle = _call(driver.cuModuleLoadData, data)
-        return CudaModule(handle, parsed.kernels)
+            try:
+                variables = {
+                    name: DeviceGlobal(
+                        *(int(v) for v in _call(driver.cuModuleGetGlobal, handle, name.encode()))
+                    )
+                    for name in parsed.globals
+                }
+            except CudaError:
+                _call(driver.cuModuleUnload, handle)
+                raise
+        return CudaModule(handle, parsed.kernels, variables)
 
     def module_unload(self, ctx: Context, module: Module) -> None:
         with _current(ctx):
@@ -374,6 +404,12 @@ class CudaBackend:
         with _current(ctx):
             handle = _call(driver.cuModuleGetFunction, mod.handle, name.encode())
         return CudaFunction(handle, info)
+
+    def function_set_max_dynamic_shared(self, ctx: Context, fn: Function, nbytes: int) -> None:
+        func = _of(CudaFunction, fn, InvalidHandle)
+        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        with _current(ctx):
+            _call(driver.cuFuncSetAttribute, func.handle, attr, nbytes)
 
     def launch(
         self,

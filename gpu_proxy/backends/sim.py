@@ -19,7 +19,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from gpu_proxy.backends.base import Buffer, Context, DeviceInfo, Event, Function, Module, Stream
+from gpu_proxy.backends.base import (
+    Buffer,
+    Context,
+    DeviceGlobal,
+    DeviceInfo,
+    Event,
+    Function,
+    Module,
+    Stream,
+)
 from gpu_proxy.errors import (
     InvalidContext,
     InvalidHandle,
@@ -526,6 +535,7 @@ class SimContext:
         self.streams: set[SimStream] = set()
         self.allocations: dict[int, mmap.mmap] = {}
         self.bases: list[int] = []  # sorted keys of `allocations`, for range lookups
+        self.module_globals: set[int] = set()  # allocations that are modules' variables
         self.launches: list[LaunchRecord] = []
 
     def forget(self, stream: SimStream) -> None:
@@ -540,14 +550,23 @@ class SimContext:
 class SimModule:
     """A loaded module image; `kernels` is what the image declares for the model's SM."""
 
-    def __init__(self, ctx: SimContext, image: ModuleImage) -> None:
+    def __init__(
+        self, ctx: SimContext, image: ModuleImage, variables: Mapping[str, DeviceGlobal]
+    ) -> None:
         self.ctx = ctx
         self.image = image
+        self._globals = MappingProxyType(dict(variables))
         self.loaded = True
+        # kernel name -> dynamic shared memory limit set by cuFuncSetAttribute (ctx.lock)
+        self.max_dynamic_shared: dict[str, int] = {}
 
     @property
     def kernels(self) -> Mapping[str, KernelInfo]:
         return self.image.kernels
+
+    @property
+    def globals(self) -> Mapping[str, DeviceGlobal]:
+        return self._globals
 
 
 class SimFunction:
@@ -639,6 +658,7 @@ class SimBackend:
             freed = sum(_charge(len(slab)) for slab in c.allocations.values())
             c.allocations.clear()
             c.bases.clear()
+            c.module_globals.clear()
         with self._lock:
             self._used -= freed
 
@@ -653,6 +673,10 @@ class SimBackend:
         c = self._ctx(ctx)
         if size <= 0:
             raise InvalidValue(f"allocation size {size}")
+        return self._allocate(c, size)
+
+    def _allocate(self, c: SimContext, size: int, init: bytes = b"") -> int:
+        """Device memory of `size` bytes in c, starting with `init` (zeros after it)."""
         charge = _charge(size)
         with self._lock:
             if self._used + charge > self._total:
@@ -666,18 +690,39 @@ class SimBackend:
             with self._lock:
                 self._used -= charge
             raise OutOfMemory(f"host cannot back {size} bytes: {exc}") from exc
+        slab[: len(init)] = init
         with c.lock:
             c.allocations[addr] = slab
             bisect.insort(c.bases, addr)
         return addr
 
     def mem_free(self, ctx: Context, ptr: int) -> None:
-        """Like cuMemFree, waits for the context's outstanding work first."""
+        """Like cuMemFree, waits for the context's outstanding work first. A module's variables
+        are not allocations of the caller's: they go with the module."""
         c = self._ctx(ctx)
         with c.lock:
-            if ptr not in c.allocations:
+            if ptr not in c.allocations or ptr in c.module_globals:
                 raise InvalidValue(f"{ptr:#x} is not the start of an allocation")
         self.synchronize(c)
+        self._release(c, ptr)
+
+    def mem_free_async(
+        self, ctx: Context, ptr: int, stream: Stream | None, freed: Callable[[], None]
+    ) -> None:
+        """The slab is released when the stream reaches the free (queued work that still uses
+        it runs first); later operations on the address are the caller's use-after-free."""
+        c = self._ctx(ctx)
+        with c.lock:
+            if ptr not in c.allocations or ptr in c.module_globals:
+                raise InvalidValue(f"{ptr:#x} is not the start of an allocation")
+
+        def release() -> None:
+            self._release(c, ptr)
+            freed()
+
+        self._submit(c, stream, release)
+
+    def _release(self, c: SimContext, ptr: int) -> None:
         with c.lock:
             slab = c.allocations.pop(ptr, None)
             if slab is None:
@@ -752,10 +797,29 @@ class SimBackend:
             raise NoBinaryForGpu(str(exc)) from exc
         except ModuleImageError as exc:
             raise InvalidImage(str(exc)) from exc
-        return SimModule(c, parsed)
+        variables: dict[str, DeviceGlobal] = {}
+        try:
+            for name, info in parsed.globals.items():
+                variables[name] = DeviceGlobal(self._allocate(c, info.size, info.init), info.size)
+        except OutOfMemory:
+            for var in variables.values():
+                self._release(c, var.address)
+            raise
+        with c.lock:
+            c.module_globals.update(v.address for v in variables.values())
+        return SimModule(c, parsed, variables)
 
     def module_unload(self, ctx: Context, module: Module) -> None:
-        self._module(self._ctx(ctx), module).loaded = False
+        """The module's variables are freed once the work queued before the unload ran."""
+        c = self._ctx(ctx)
+        m = self._module(c, module)
+        m.loaded = False
+        if m.globals:
+            self.synchronize(c)
+        for var in m.globals.values():
+            with c.lock:
+                c.module_globals.discard(var.address)
+            self._release(c, var.address)
 
     def module_function(self, ctx: Context, module: Module, name: str) -> SimFunction:
         m = self._module(self._ctx(ctx), module)
@@ -763,6 +827,18 @@ class SimBackend:
         if info is None:
             raise NotFound(f"module has no kernel {name!r}")
         return SimFunction(m, info)
+
+    def function_set_max_dynamic_shared(self, ctx: Context, fn: Function, nbytes: int) -> None:
+        """Raise (or lower) the kernel's dynamic shared memory limit, up to the model's opt-in
+        maximum; it holds for every handle of the kernel in its module, as in CUDA."""
+        f = self._function(self._ctx(ctx), fn)
+        if not 0 <= nbytes <= self.model.shared_per_block_optin:
+            raise InvalidValue(
+                f"{nbytes} bytes of dynamic shared memory, opt-in limit "
+                f"{self.model.shared_per_block_optin}"
+            )
+        with f.module.ctx.lock:
+            f.module.max_dynamic_shared[f.info.name] = nbytes
 
     def launch(
         self,
@@ -776,12 +852,13 @@ class SimBackend:
     ) -> None:
         """Validate as cuLaunchKernel does, then record the launch when its stream reaches it.
 
-        The dynamic shared memory limit is the non-opt-in one: the backend has no
-        cuFuncSetAttribute to raise it."""
+        The dynamic shared memory limit is the non-opt-in one unless cuFuncSetAttribute raised
+        it for the kernel (the sim does not know the kernel's static shared memory)."""
         c = self._ctx(ctx)
-        if not isinstance(fn, SimFunction) or fn.module.ctx is not c or not fn.module.loaded:
-            raise InvalidHandle("not a function of a module loaded in this context")
+        fn = self._function(c, fn)
         m = self.model
+        with c.lock:
+            shared_limit = fn.module.max_dynamic_shared.get(fn.info.name, m.shared_per_block)
         for what, dims, limits in (("grid", grid, m.max_grid), ("block", block, m.max_block)):
             if len(dims) != 3 or not all(
                 1 <= d <= lim for d, lim in zip(dims, limits, strict=True)
@@ -789,8 +866,8 @@ class SimBackend:
                 raise InvalidValue(f"{what} {dims} outside 1..{limits}")
         if block[0] * block[1] * block[2] > m.max_threads_per_block:
             raise InvalidValue(f"block {block} exceeds {m.max_threads_per_block} threads")
-        if not 0 <= shared_mem <= m.shared_per_block:
-            raise InvalidValue(f"{shared_mem} bytes of shared memory, limit {m.shared_per_block}")
+        if not 0 <= shared_mem <= shared_limit:
+            raise InvalidValue(f"{shared_mem} bytes of shared memory, limit {shared_limit}")
         if len(params) != fn.info.param_bytes:
             raise InvalidValue(f"{len(params)} parameter bytes, kernel takes {fn.info.param_bytes}")
         s = None if stream is None else self._stream(c, stream)
@@ -895,6 +972,11 @@ class SimBackend:
         if not isinstance(event, SimEvent) or event.ctx is not c or event.destroyed:
             raise InvalidHandle("not a live event of this context")
         return event
+
+    def _function(self, c: SimContext, fn: Function) -> SimFunction:
+        if not isinstance(fn, SimFunction) or fn.module.ctx is not c or not fn.module.loaded:
+            raise InvalidHandle("not a function of a module loaded in this context")
+        return fn
 
     def _module(self, c: SimContext, module: Module) -> SimModule:
         if not isinstance(module, SimModule) or module.ctx is not c or not module.loaded:

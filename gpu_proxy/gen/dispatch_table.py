@@ -86,6 +86,10 @@ class CallHandlers(Generic[Ctx]):
         """cuMemFree_v2 (0x0203, sync)."""
         return CUDA_ERROR_NOT_SUPPORTED
 
+    def cuMemFreeAsync(self, ctx: Ctx, req: codec.cuMemFreeAsync_Request) -> int:
+        """cuMemFreeAsync (0x0204, async): fire-and-forget, returns a CUresult; the memory returns to the zone's quota when hStream reaches the free; libvgpu allocates for cuMemAllocAsync with cuMemAlloc_v2 at once."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
     def cuMemcpyHtoD_v2(self, ctx: Ctx, req: codec.cuMemcpyHtoD_v2_Request) -> codec.cuMemcpyHtoD_v2_Reply | int:
         """cuMemcpyHtoD_v2 (0x0210, sync); copies larger than the max are split by libvgpu (or go through the bulk area)."""
         return CUDA_ERROR_NOT_SUPPORTED
@@ -150,8 +154,16 @@ class CallHandlers(Generic[Ctx]):
         """cuModuleGetFunction (0x0403, sync)."""
         return CUDA_ERROR_NOT_SUPPORTED
 
+    def cuModuleGetGlobal_v2(self, ctx: Ctx, req: codec.cuModuleGetGlobal_v2_Request) -> codec.cuModuleGetGlobal_v2_Reply | int:
+        """cuModuleGetGlobal_v2 (0x0404, sync); a __device__/__constant__ variable of the module: gpu-proxy charged its memory to the zone when the module was loaded."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
     def cuFuncGetAttribute(self, ctx: Ctx, req: codec.cuFuncGetAttribute_Request) -> codec.cuFuncGetAttribute_Reply | int:
         """cuFuncGetAttribute (0x0501, sync)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def cuFuncSetAttribute(self, ctx: Ctx, req: codec.cuFuncSetAttribute_Request) -> codec.cuFuncSetAttribute_Reply | int:
+        """cuFuncSetAttribute (0x0502, sync); libvgpu forwards CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES only (the launch limit gpu-proxy checks); it answers the other attributes itself."""
         return CUDA_ERROR_NOT_SUPPORTED
 
     def cuLaunchKernel(self, ctx: Ctx, req: codec.cuLaunchKernel_Request) -> int:
@@ -176,6 +188,14 @@ class CallHandlers(Generic[Ctx]):
 
     def cuStreamWaitEvent(self, ctx: Ctx, req: codec.cuStreamWaitEvent_Request) -> int:
         """cuStreamWaitEvent (0x0605, async): fire-and-forget, returns a CUresult."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuHostFuncMark(self, ctx: Ctx, req: codec.vgpuHostFuncMark_Request) -> int:
+        """vgpuHostFuncMark (0x0606, async): fire-and-forget, returns a CUresult; cuLaunchHostFunc / cuStreamAddCallback: marks the point of hStream after which libvgpu's host-function thread may run the function; `mark` is libvgpu's name for it, unique in the process."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuHostFuncPoll(self, ctx: Ctx, req: codec.vgpuHostFuncPoll_Request) -> codec.vgpuHostFuncPoll_Reply | int:
+        """vgpuHostFuncPoll (0x0607, sync); whether the stream has reached the mark (1: reached, and the mark is forgotten); never answers with an earlier fire-and-forget call's error, which stays for the application's next call."""
         return CUDA_ERROR_NOT_SUPPORTED
 
     def cuEventCreate(self, ctx: Ctx, req: codec.cuEventCreate_Request) -> codec.cuEventCreate_Reply | int:
@@ -350,6 +370,14 @@ DISPATCH: dict[int, Entry] = {
         False,
         codec.CALLS[0x0203],
     ),
+    0x0204: Entry(
+        "cuMemFreeAsync",
+        codec.decode_cuMemFreeAsync_request,
+        "cuMemFreeAsync",
+        None,
+        True,
+        codec.CALLS[0x0204],
+    ),
     0x0210: Entry(
         "cuMemcpyHtoD_v2",
         codec.decode_cuMemcpyHtoD_v2_request,
@@ -480,6 +508,14 @@ DISPATCH: dict[int, Entry] = {
         False,
         codec.CALLS[0x0403],
     ),
+    0x0404: Entry(
+        "cuModuleGetGlobal_v2",
+        codec.decode_cuModuleGetGlobal_v2_request,
+        "cuModuleGetGlobal_v2",
+        codec.encode_cuModuleGetGlobal_v2_reply,
+        False,
+        codec.CALLS[0x0404],
+    ),
     0x0501: Entry(
         "cuFuncGetAttribute",
         codec.decode_cuFuncGetAttribute_request,
@@ -487,6 +523,14 @@ DISPATCH: dict[int, Entry] = {
         codec.encode_cuFuncGetAttribute_reply,
         False,
         codec.CALLS[0x0501],
+    ),
+    0x0502: Entry(
+        "cuFuncSetAttribute",
+        codec.decode_cuFuncSetAttribute_request,
+        "cuFuncSetAttribute",
+        codec.encode_cuFuncSetAttribute_reply,
+        False,
+        codec.CALLS[0x0502],
     ),
     0x0510: Entry(
         "cuLaunchKernel",
@@ -535,6 +579,22 @@ DISPATCH: dict[int, Entry] = {
         None,
         True,
         codec.CALLS[0x0605],
+    ),
+    0x0606: Entry(
+        "vgpuHostFuncMark",
+        codec.decode_vgpuHostFuncMark_request,
+        "vgpuHostFuncMark",
+        None,
+        True,
+        codec.CALLS[0x0606],
+    ),
+    0x0607: Entry(
+        "vgpuHostFuncPoll",
+        codec.decode_vgpuHostFuncPoll_request,
+        "vgpuHostFuncPoll",
+        codec.encode_vgpuHostFuncPoll_reply,
+        False,
+        codec.CALLS[0x0607],
     ),
     0x0701: Entry(
         "cuEventCreate",

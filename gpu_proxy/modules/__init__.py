@@ -2,6 +2,7 @@
 backend can run them and the proxy can marshal `cuLaunchKernel` parameters."""
 
 from gpu_proxy.modules.elf import (
+    GlobalInfo,
     KernelInfo,
     ModuleImageError,
     NoCompatibleImageError,
@@ -18,6 +19,7 @@ from gpu_proxy.modules.fatbin import (
 __all__ = [
     "EntryKind",
     "FatbinEntry",
+    "GlobalInfo",
     "ImageKind",
     "KernelInfo",
     "ModuleImage",

@@ -15,6 +15,8 @@ from typing import Any
 ELF_MAGIC = b"\x7fELF"
 EM_CUDA = 190
 SHT_SYMTAB = 2
+SHT_NOBITS = 8
+STT_OBJECT = 1
 STT_FUNC = 2
 STO_CUDA_ENTRY = 0x10  # st_other bit nvcc sets on __global__ functions
 SHN_XINDEX = 0xFFFF
@@ -68,11 +70,23 @@ class KernelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class GlobalInfo:
+    """A module-scope `__device__` or `__constant__` variable: the driver allocates `size` bytes
+    of device memory for it when the module is loaded, filled from `init` (zeros past its end).
+    Initialisers that hold addresses (relocations) are not applied: those bytes stay zero."""
+
+    name: str
+    size: int
+    init: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Cubin:
-    """What a cubin tells the proxy: the SM it was built for and its kernels."""
+    """What a cubin tells the proxy: the SM it was built for, its kernels and its variables."""
 
     arch: int
     kernels: dict[str, KernelInfo]
+    globals: dict[str, GlobalInfo]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +207,41 @@ def _entry_symbols(
     return out
 
 
+def _is_variable_section(name: str) -> bool:
+    """Sections holding module variables: `.nv.global` (zeroed), `.nv.global.init` and the
+    user constant bank `.nv.constantN` (kernel parameter banks `.nv.constant0.<kernel>` hold no
+    OBJECT symbols)."""
+    return name in (".nv.global", ".nv.global.init") or name.startswith(".nv.constant")
+
+
+def _global_symbols(
+    data: bytes, symtab: _Section, sections: list[_Section], budget: list[int]
+) -> dict[str, GlobalInfo]:
+    """Module variables: OBJECT symbols defined in a variable section, with their initial
+    bytes (none for a NOBITS section)."""
+    table = _section_bytes(data, symtab)
+    strings = _Strings(_section_bytes(data, sections[symtab.link]), budget)
+    out: dict[str, GlobalInfo] = {}
+    for i in range(len(table) // _SYM.size):
+        name_off, info, _other, shndx, value, size = _SYM.unpack_from(table, i * _SYM.size)
+        if info & 0xF != STT_OBJECT or not 0 < shndx < len(sections) or size == 0:
+            continue
+        sec = sections[shndx]
+        if not _is_variable_section(sec.name):
+            continue
+        name = strings.get(name_off, f"symbol {i} name")
+        if value + size > sec.size:
+            raise ModuleImageError(
+                f"variable {name}: [{value:#x}, +{size:#x}) runs past section {sec.name} "
+                f"({sec.size:#x} bytes)"
+            )
+        if name in out:
+            raise ModuleImageError(f"variable {name} defined twice")
+        init = b"" if sec.type == SHT_NOBITS else _section_bytes(data, sec)[value : value + size]
+        out[name] = GlobalInfo(name, size, init)
+    return out
+
+
 def _attributes(info: bytes, what: str) -> list[tuple[int, bytes]]:
     """Split an `.nv.info*` section into (attribute, value bytes) records."""
     records = []
@@ -277,4 +326,4 @@ def parse_cubin(data: bytes) -> Cubin:
         info = by_name.get(f".nv.info.{name}")
         info_bytes = _section_bytes(data, info) if info is not None else b""
         kernels[name] = kernel_info(name, info_bytes)
-    return Cubin(arch, kernels)
+    return Cubin(arch, kernels, _global_symbols(data, symtabs[0], sections, budget))

@@ -20,6 +20,7 @@ import zstandard
 
 from gpu_proxy.modules.elf import (
     ELF_MAGIC,
+    GlobalInfo,
     KernelInfo,
     ModuleImageError,
     NoCompatibleImageError,
@@ -75,14 +76,15 @@ class FatbinEntry:
 
 @dataclass(frozen=True, slots=True)
 class ModuleImage:
-    """A parsed module: `arch` and `kernels` describe the code a device of that SM would run;
-    for a fatbin, `entries` lists every entry and `selected` indexes the one chosen."""
+    """A parsed module: `arch`, `kernels` and `globals` describe the code a device of that SM
+    would run; for a fatbin, `entries` lists every entry and `selected` indexes the one chosen."""
 
     kind: ImageKind
     arch: int
     kernels: dict[str, KernelInfo]
     entries: tuple[FatbinEntry, ...] = field(default=())
     selected: int | None = None
+    globals: dict[str, GlobalInfo] = field(default_factory=dict)
 
 
 def _lz4_block(src: bytes, size: int, where: int) -> bytes:
@@ -207,6 +209,16 @@ def select_entry(entries: tuple[FatbinEntry, ...], arch: int | None) -> int:
 _PTX_COMMENT = re.compile(r"//[^\n]*|/\*.*?(?:\*/|\Z)", re.S)
 _PTX_TARGET = re.compile(r"\.target\s+sm_(\d+)")
 _PTX_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$%][\w$%]*)\s*(\()?")
+# A module variable: `.global`/`.const` at the start of a statement (not `ld.global`), scalar or
+# array, with an optional initialiser up to the `;`. `.extern` declarations define nothing.
+_PTX_VARIABLE = re.compile(
+    r"(?m)^[ \t]*((?:\.(?:visible|weak|extern)[ \t]+)*)\.(?:global|const)[ \t]+"
+    r"(?:\.align[ \t]+\d+[ \t]+)?\.[usbf](8|16|32|64)[ \t]+([A-Za-z_$%][\w$%]*)"
+    r"[ \t]*(?:\[[ \t]*(\d+)[ \t]*\])?[ \t]*(?:=([^;\n]*))?;"
+)
+_PTX_INIT_VALUE = re.compile(
+    r"-?(?:0[xX][0-9a-fA-F]+|0[fF][0-9a-fA-F]{8}|0[dD][0-9a-fA-F]{16}|\d+)"
+)
 _PTX_PARAM = re.compile(
     r"\.param\s+(?:\.align\s+(\d+)\s+)?\.[usbf](8|16|32|64)(?:\s+\.\w+(?:\s+\d+)?)*"
     r"\s+[A-Za-z_$%][\w$%]*\s*(?:\[\s*(\d+)\s*\])?"
@@ -232,7 +244,54 @@ def _ptx_params(name: str, plist: str) -> KernelInfo:
     return KernelInfo(name, tuple(params), offset)
 
 
+def _ptx_value(token: str, width: int, where: str) -> bytes:
+    """One initialiser element as `width` little-endian bytes (0f/0d: the bits of a float)."""
+    if _PTX_INIT_VALUE.fullmatch(token) is None:
+        raise ModuleImageError(f"{where}: initialiser element {token[:40]!r} is not a constant")
+    negative, digits = token.startswith("-"), token.lstrip("-")
+    if digits[:2] in ("0f", "0F", "0d", "0D"):
+        value = int(digits[2:], 16)
+    else:
+        value = int(digits, 0 if digits[:2] in ("0x", "0X") else 10)
+    if negative:
+        value = -value
+    if not -(1 << (8 * width - 1)) <= value < 1 << (8 * width):
+        raise ModuleImageError(f"{where}: initialiser {token} does not fit {width} bytes")
+    return (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+
+
+def _ptx_globals(text: str) -> dict[str, GlobalInfo]:
+    """`.global` and `.const` variables of PTX text, with initialisers of constants."""
+    out: dict[str, GlobalInfo] = {}
+    for match in _PTX_VARIABLE.finditer(text):
+        if ".extern" in match.group(1):
+            continue
+        width, name = int(match.group(2)) // 8, match.group(3)
+        where = f"PTX variable {name}"
+        count = int(match.group(4)) if match.group(4) is not None else 1
+        init = b""
+        if match.group(5) is not None:
+            body = match.group(5).strip()
+            if body.startswith("{") != body.endswith("}"):
+                raise ModuleImageError(f"{where}: unbalanced initialiser braces")
+            tokens = [t.strip() for t in body.strip("{}").split(",") if t.strip()]
+            if len(tokens) > count:
+                raise ModuleImageError(f"{where}: {len(tokens)} initialisers for {count} elements")
+            init = b"".join(_ptx_value(t, width, where) for t in tokens)
+        if name in out:
+            raise ModuleImageError(f"{where} defined twice")
+        if count:
+            out[name] = GlobalInfo(name, width * count, init)
+    return out
+
+
 def parse_ptx(data: bytes) -> tuple[int, dict[str, KernelInfo]]:
+    """Target SM and `.entry` kernels of NUL-terminated PTX text."""
+    target, kernels, _ = _parse_ptx_module(data)
+    return target, kernels
+
+
+def _parse_ptx_module(data: bytes) -> tuple[int, dict[str, KernelInfo], dict[str, GlobalInfo]]:
     """Target SM and `.entry` kernels of NUL-terminated PTX text."""
     text_bytes = data.split(b"\0", 1)[0]
     try:
@@ -255,7 +314,7 @@ def parse_ptx(data: bytes) -> tuple[int, dict[str, KernelInfo]]:
         if name in kernels:
             raise ModuleImageError(f"PTX kernel {name} defined twice")
         kernels[name] = _ptx_params(name, plist)
-    return int(target.group(1)), kernels
+    return int(target.group(1)), kernels, _ptx_globals(text)
 
 
 def parse_module_image(data: bytes, arch: int | None = None) -> ModuleImage:
@@ -264,7 +323,7 @@ def parse_module_image(data: bytes, arch: int | None = None) -> ModuleImage:
         cubin = parse_cubin(data)
         if arch is not None and not (cubin.arch // 10 == arch // 10 and cubin.arch <= arch):
             raise NoCompatibleImageError(f"cubin for sm_{cubin.arch} cannot run on sm_{arch}")
-        return ModuleImage(ImageKind.CUBIN, cubin.arch, cubin.kernels)
+        return ModuleImage(ImageKind.CUBIN, cubin.arch, cubin.kernels, globals=cubin.globals)
     if data[:4] == FATBIN_MAGIC.to_bytes(4, "little"):
         entries = parse_fatbin(data)
         index = select_entry(entries, arch)
@@ -277,11 +336,11 @@ def parse_module_image(data: bytes, arch: int | None = None) -> ModuleImage:
                     f"fatbin entry at {chosen.offset:#x} says sm_{chosen.arch}, "
                     f"its cubin says sm_{cubin.arch}"
                 )
-            kernels = cubin.kernels
+            kernels, variables = cubin.kernels, cubin.globals
         else:
-            kernels = parse_ptx(payload)[1]
-        return ModuleImage(ImageKind.FATBIN, chosen.arch, kernels, entries, index)
-    target, kernels = parse_ptx(data)
+            _, kernels, variables = _parse_ptx_module(payload)
+        return ModuleImage(ImageKind.FATBIN, chosen.arch, kernels, entries, index, variables)
+    target, kernels, variables = _parse_ptx_module(data)
     if arch is not None and target > arch:
         raise NoCompatibleImageError(f"PTX for sm_{target} cannot be JIT-ed for sm_{arch}")
-    return ModuleImage(ImageKind.PTX, target, kernels)
+    return ModuleImage(ImageKind.PTX, target, kernels, globals=variables)

@@ -263,4 +263,50 @@ int idm_local_accept(struct idm_local_link *link, int sock, char *why, size_t wh
 /* Close our endpoint, unmap, close every fd. Safe on a partially set-up link. */
 void idm_local_release(struct idm_local_link *link);
 
+/* ---- GrantFdLink (grant_fd_link.c) -------------------------------------------------------- */
+
+/*
+ * A zone process's side of a GrantLink that the zone agent's channel broker set up for it: the
+ * broker offers the channel to the host (grants, unbound ports, xenstore), waits until the host
+ * has attached it, and hands the process the open /dev/xen/gntalloc fd (to map the region at
+ * mmap_offset) and one /dev/xen/evtchn fd per ring, with this header, over a unix socket
+ * (SCM_RIGHTS). Container processes never open /dev/xen themselves. The socket stays open: the
+ * broker withdraws the offer when the process hangs up, and hangs up when the host goes away.
+ */
+#define IDM_GRANT_FD_MAGIC 0x44464749u /* "IGFD" */
+#define IDM_GRANT_FD_NFDS 3           /* gntalloc, request ring's evtchn, response ring's evtchn */
+#define IDM_GRANT_FD_WHY_LEN 128
+#define IDM_EVTCHN_PORT_MAX ((1u << 17) - 1) /* no event channel ABI has a larger port */
+
+struct idm_grant_fd_offer {
+    uint32_t magic;          /* IDM_GRANT_FD_MAGIC */
+    uint32_t layout_version; /* IDM_LAYOUT_VERSION */
+    int32_t status;          /* 0: the fds follow; -errno: the broker failed, `why` says how */
+    uint32_t reserved;       /* must be 0 */
+    struct idm_layout layout;
+    uint64_t mmap_offset;    /* where the region lies in the gntalloc fd (page aligned) */
+    uint64_t mmap_length;    /* idm_region_size(&layout) */
+    uint32_t req_port;       /* local port bound on the request ring's evtchn fd */
+    uint32_t rsp_port;       /* local port bound on the response ring's evtchn fd */
+    char why[IDM_GRANT_FD_WHY_LEN]; /* NUL-terminated */
+};
+
+struct idm_grant_fd_link {
+    struct idm_endpoint ep;
+    void *base;
+    size_t len;
+    int sock;
+    int fds[IDM_GRANT_FD_NFDS];
+};
+
+/*
+ * Connect to the broker at `path`, wait up to timeout_ms for its header and fds, validate them,
+ * map the region and bind the endpoint (zone side). Returns 0 or -errno (why filled).
+ */
+int idm_grant_fd_connect(struct idm_grant_fd_link *link, const char *path, int timeout_ms,
+                         char *why, size_t why_len);
+
+/* Close our endpoint, unmap, close every fd and the socket. Safe on a partially set-up link. */
+void idm_grant_fd_release(struct idm_grant_fd_link *link);
+
 #endif

@@ -32,7 +32,7 @@ __all__ = [
     "CALL_TABLE_DIGEST",
 ]
 
-CALL_TABLE_DIGEST = "d1ad8ea3740a1b4b17d1a97c2574a2dd534010ee361d94c02af365b325ed2c11"
+CALL_TABLE_DIGEST = "b32ef463cbdb78d3be3567fb0402b9482f56f1c998a260a597e0cac8c9ac655a"
 
 # Function bodies use only these aliases, so an arg may be named like any builtin.
 _Struct = struct.Struct
@@ -697,6 +697,32 @@ def decode_cuMemFree_v2_reply(payload: Buffer) -> cuMemFree_v2_Reply:
     if _n != 0:
         raise _DecodeError(f"cuMemFree_v2 reply: payload is {_n} bytes, expected 0")
     return cuMemFree_v2_Reply()
+
+
+# ---- cuMemFreeAsync (0x0204, async) -------------------------------------------------------------
+class cuMemFreeAsync_Request(NamedTuple):
+    dptr: int
+    hStream: int
+
+
+_REQ_cuMemFreeAsync = _Struct("<QQ")
+_REQ_cuMemFreeAsync_FIELDS = (("dptr", "Q"), ("hStream", "Q"))
+
+
+def encode_cuMemFreeAsync_request(dptr: int, hStream: int) -> bytes:
+    try:
+        _head = _REQ_cuMemFreeAsync.pack(dptr, hStream)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuMemFreeAsync request", _REQ_cuMemFreeAsync_FIELDS, (dptr, hStream), _e) from None
+    return _head
+
+
+def decode_cuMemFreeAsync_request(payload: Buffer) -> cuMemFreeAsync_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 16:
+        raise _DecodeError(f"cuMemFreeAsync request: payload is {_n} bytes, expected 16")
+    return cuMemFreeAsync_Request._make(_REQ_cuMemFreeAsync.unpack_from(_p))
 
 
 # ---- cuMemcpyHtoD_v2 (0x0210, sync) -------------------------------------------------------------
@@ -1463,6 +1489,80 @@ def decode_cuModuleGetFunction_reply(payload: Buffer) -> cuModuleGetFunction_Rep
     return cuModuleGetFunction_Reply._make(_REP_cuModuleGetFunction.unpack_from(_p))
 
 
+# ---- cuModuleGetGlobal_v2 (0x0404, sync) --------------------------------------------------------
+class cuModuleGetGlobal_v2_Request(NamedTuple):
+    hmod: int
+    name: bytes
+
+
+class cuModuleGetGlobal_v2_Reply(NamedTuple):
+    dptr: int
+    size: int
+
+
+_REQ_cuModuleGetGlobal_v2 = _Struct("<Q")
+_REQ_cuModuleGetGlobal_v2_FIELDS = (("hmod", "Q"),)
+_REP_cuModuleGetGlobal_v2 = _Struct("<QQ")
+_REP_cuModuleGetGlobal_v2_FIELDS = (("dptr", "Q"), ("size", "Q"))
+
+
+def encode_cuModuleGetGlobal_v2_request(hmod: int, name: bytes) -> bytes:
+    try:
+        _head = _REQ_cuModuleGetGlobal_v2.pack(hmod)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuModuleGetGlobal_v2 request", _REQ_cuModuleGetGlobal_v2_FIELDS, (hmod,), _e) from None
+    try:
+        _x_name = _bytes(_view(name))
+    except TypeError:
+        raise _EncodeError(f"cuModuleGetGlobal_v2 request: name must be bytes, not {_type(name).__name__}") from None
+    if _len(_x_name) > 4096:
+        raise _EncodeError(f"cuModuleGetGlobal_v2 request: name is {_len(_x_name)} bytes, more than the max 4096")
+    if b"\x00" in _x_name:
+        raise _EncodeError("cuModuleGetGlobal_v2 request: name contains a NUL byte")
+    _out = b"".join((_head, _U32.pack(_len(_x_name)), _x_name))
+    return _out
+
+
+def decode_cuModuleGetGlobal_v2_request(payload: Buffer) -> cuModuleGetGlobal_v2_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n < 8:
+        raise _DecodeError(f"cuModuleGetGlobal_v2 request: payload is {_n} bytes, shorter than the 8-byte fixed part")
+    _f = _REQ_cuModuleGetGlobal_v2.unpack_from(_p)
+    _o = 8
+    if _n - _o < 4:
+        raise _DecodeError("cuModuleGetGlobal_v2 request: payload ends before the length of name")
+    (_l,) = _U32.unpack_from(_p, _o)
+    _o += 4
+    if _l > 4096:
+        raise _DecodeError(f"cuModuleGetGlobal_v2 request: name is {_l} bytes, more than the max 4096")
+    if _n - _o < _l:
+        raise _DecodeError(f"cuModuleGetGlobal_v2 request: name is {_l} bytes, only {_n - _o} left")
+    _x_name = _bytes(_p[_o : _o + _l])
+    if b"\x00" in _x_name:
+        raise _DecodeError("cuModuleGetGlobal_v2 request: name contains a NUL byte")
+    _o += _l
+    if _o != _n:
+        raise _DecodeError(f"cuModuleGetGlobal_v2 request: {_n - _o} trailing bytes")
+    return cuModuleGetGlobal_v2_Request(_f[0], _x_name)
+
+
+def encode_cuModuleGetGlobal_v2_reply(dptr: int, size: int) -> bytes:
+    try:
+        _head = _REP_cuModuleGetGlobal_v2.pack(dptr, size)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuModuleGetGlobal_v2 reply", _REP_cuModuleGetGlobal_v2_FIELDS, (dptr, size), _e) from None
+    return _head
+
+
+def decode_cuModuleGetGlobal_v2_reply(payload: Buffer) -> cuModuleGetGlobal_v2_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 16:
+        raise _DecodeError(f"cuModuleGetGlobal_v2 reply: payload is {_n} bytes, expected 16")
+    return cuModuleGetGlobal_v2_Reply._make(_REP_cuModuleGetGlobal_v2.unpack_from(_p))
+
+
 # ---- cuFuncGetAttribute (0x0501, sync) ----------------------------------------------------------
 class cuFuncGetAttribute_Request(NamedTuple):
     attrib: int
@@ -1509,6 +1609,49 @@ def decode_cuFuncGetAttribute_reply(payload: Buffer) -> cuFuncGetAttribute_Reply
     if _n != 4:
         raise _DecodeError(f"cuFuncGetAttribute reply: payload is {_n} bytes, expected 4")
     return cuFuncGetAttribute_Reply._make(_REP_cuFuncGetAttribute.unpack_from(_p))
+
+
+# ---- cuFuncSetAttribute (0x0502, sync) ----------------------------------------------------------
+class cuFuncSetAttribute_Request(NamedTuple):
+    hfunc: int
+    attrib: int
+    value: int
+
+
+class cuFuncSetAttribute_Reply(NamedTuple):
+    pass
+
+
+_REQ_cuFuncSetAttribute = _Struct("<Qii")
+_REQ_cuFuncSetAttribute_FIELDS = (("hfunc", "Q"), ("attrib", "i"), ("value", "i"))
+
+
+def encode_cuFuncSetAttribute_request(hfunc: int, attrib: int, value: int) -> bytes:
+    try:
+        _head = _REQ_cuFuncSetAttribute.pack(hfunc, attrib, value)
+    except _PACK_ERRORS as _e:
+        raise _explain("cuFuncSetAttribute request", _REQ_cuFuncSetAttribute_FIELDS, (hfunc, attrib, value), _e) from None
+    return _head
+
+
+def decode_cuFuncSetAttribute_request(payload: Buffer) -> cuFuncSetAttribute_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 16:
+        raise _DecodeError(f"cuFuncSetAttribute request: payload is {_n} bytes, expected 16")
+    return cuFuncSetAttribute_Request._make(_REQ_cuFuncSetAttribute.unpack_from(_p))
+
+
+def encode_cuFuncSetAttribute_reply() -> bytes:
+    return b""
+
+
+def decode_cuFuncSetAttribute_reply(payload: Buffer) -> cuFuncSetAttribute_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"cuFuncSetAttribute reply: payload is {_n} bytes, expected 0")
+    return cuFuncSetAttribute_Reply()
 
 
 # ---- cuLaunchKernel (0x0510, async) -------------------------------------------------------------
@@ -1760,6 +1903,79 @@ def decode_cuStreamWaitEvent_request(payload: Buffer) -> cuStreamWaitEvent_Reque
     if _n != 20:
         raise _DecodeError(f"cuStreamWaitEvent request: payload is {_n} bytes, expected 20")
     return cuStreamWaitEvent_Request._make(_REQ_cuStreamWaitEvent.unpack_from(_p))
+
+
+# ---- vgpuHostFuncMark (0x0606, async) -----------------------------------------------------------
+class vgpuHostFuncMark_Request(NamedTuple):
+    hStream: int
+    mark: int
+
+
+_REQ_vgpuHostFuncMark = _Struct("<QQ")
+_REQ_vgpuHostFuncMark_FIELDS = (("hStream", "Q"), ("mark", "Q"))
+
+
+def encode_vgpuHostFuncMark_request(hStream: int, mark: int) -> bytes:
+    try:
+        _head = _REQ_vgpuHostFuncMark.pack(hStream, mark)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuHostFuncMark request", _REQ_vgpuHostFuncMark_FIELDS, (hStream, mark), _e) from None
+    return _head
+
+
+def decode_vgpuHostFuncMark_request(payload: Buffer) -> vgpuHostFuncMark_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 16:
+        raise _DecodeError(f"vgpuHostFuncMark request: payload is {_n} bytes, expected 16")
+    return vgpuHostFuncMark_Request._make(_REQ_vgpuHostFuncMark.unpack_from(_p))
+
+
+# ---- vgpuHostFuncPoll (0x0607, sync) ------------------------------------------------------------
+class vgpuHostFuncPoll_Request(NamedTuple):
+    mark: int
+
+
+class vgpuHostFuncPoll_Reply(NamedTuple):
+    ready: int
+
+
+_REQ_vgpuHostFuncPoll = _Struct("<Q")
+_REQ_vgpuHostFuncPoll_FIELDS = (("mark", "Q"),)
+_REP_vgpuHostFuncPoll = _Struct("<i")
+_REP_vgpuHostFuncPoll_FIELDS = (("ready", "i"),)
+
+
+def encode_vgpuHostFuncPoll_request(mark: int) -> bytes:
+    try:
+        _head = _REQ_vgpuHostFuncPoll.pack(mark)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuHostFuncPoll request", _REQ_vgpuHostFuncPoll_FIELDS, (mark,), _e) from None
+    return _head
+
+
+def decode_vgpuHostFuncPoll_request(payload: Buffer) -> vgpuHostFuncPoll_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"vgpuHostFuncPoll request: payload is {_n} bytes, expected 8")
+    return vgpuHostFuncPoll_Request._make(_REQ_vgpuHostFuncPoll.unpack_from(_p))
+
+
+def encode_vgpuHostFuncPoll_reply(ready: int) -> bytes:
+    try:
+        _head = _REP_vgpuHostFuncPoll.pack(ready)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuHostFuncPoll reply", _REP_vgpuHostFuncPoll_FIELDS, (ready,), _e) from None
+    return _head
+
+
+def decode_vgpuHostFuncPoll_reply(payload: Buffer) -> vgpuHostFuncPoll_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 4:
+        raise _DecodeError(f"vgpuHostFuncPoll reply: payload is {_n} bytes, expected 4")
+    return vgpuHostFuncPoll_Reply._make(_REP_vgpuHostFuncPoll.unpack_from(_p))
 
 
 # ---- cuEventCreate (0x0701, sync) ---------------------------------------------------------------
@@ -2471,6 +2687,21 @@ CALLS: dict[int, CallCodec] = {
         out_caps=(),
         bounds=(),
     ),
+    0x0204: CallCodec(
+        name="cuMemFreeAsync",
+        opcode=0x0204,
+        is_async=True,
+        request_type=cuMemFreeAsync_Request,
+        reply_type=None,
+        encode_request=encode_cuMemFreeAsync_request,
+        decode_request=decode_cuMemFreeAsync_request,
+        encode_reply=None,
+        decode_reply=None,
+        in_handles=(HandleRef("hStream", "stream", True),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
     0x0210: CallCodec(
         name="cuMemcpyHtoD_v2",
         opcode=0x0210,
@@ -2711,6 +2942,21 @@ CALLS: dict[int, CallCodec] = {
         out_caps=(),
         bounds=(("name", 4096),),
     ),
+    0x0404: CallCodec(
+        name="cuModuleGetGlobal_v2",
+        opcode=0x0404,
+        is_async=False,
+        request_type=cuModuleGetGlobal_v2_Request,
+        reply_type=cuModuleGetGlobal_v2_Reply,
+        encode_request=encode_cuModuleGetGlobal_v2_request,
+        decode_request=decode_cuModuleGetGlobal_v2_request,
+        encode_reply=encode_cuModuleGetGlobal_v2_reply,
+        decode_reply=decode_cuModuleGetGlobal_v2_reply,
+        in_handles=(HandleRef("hmod", "module", False),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(("name", 4096),),
+    ),
     0x0501: CallCodec(
         name="cuFuncGetAttribute",
         opcode=0x0501,
@@ -2721,6 +2967,21 @@ CALLS: dict[int, CallCodec] = {
         decode_request=decode_cuFuncGetAttribute_request,
         encode_reply=encode_cuFuncGetAttribute_reply,
         decode_reply=decode_cuFuncGetAttribute_reply,
+        in_handles=(HandleRef("hfunc", "function", False),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0502: CallCodec(
+        name="cuFuncSetAttribute",
+        opcode=0x0502,
+        is_async=False,
+        request_type=cuFuncSetAttribute_Request,
+        reply_type=cuFuncSetAttribute_Reply,
+        encode_request=encode_cuFuncSetAttribute_request,
+        decode_request=decode_cuFuncSetAttribute_request,
+        encode_reply=encode_cuFuncSetAttribute_reply,
+        decode_reply=decode_cuFuncSetAttribute_reply,
         in_handles=(HandleRef("hfunc", "function", False),),
         out_handles=(),
         out_caps=(),
@@ -2812,6 +3073,36 @@ CALLS: dict[int, CallCodec] = {
         encode_reply=None,
         decode_reply=None,
         in_handles=(HandleRef("hStream", "stream", True), HandleRef("hEvent", "event", False)),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0606: CallCodec(
+        name="vgpuHostFuncMark",
+        opcode=0x0606,
+        is_async=True,
+        request_type=vgpuHostFuncMark_Request,
+        reply_type=None,
+        encode_request=encode_vgpuHostFuncMark_request,
+        decode_request=decode_vgpuHostFuncMark_request,
+        encode_reply=None,
+        decode_reply=None,
+        in_handles=(HandleRef("hStream", "stream", True),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0607: CallCodec(
+        name="vgpuHostFuncPoll",
+        opcode=0x0607,
+        is_async=False,
+        request_type=vgpuHostFuncPoll_Request,
+        reply_type=vgpuHostFuncPoll_Reply,
+        encode_request=encode_vgpuHostFuncPoll_request,
+        decode_request=decode_vgpuHostFuncPoll_request,
+        encode_reply=encode_vgpuHostFuncPoll_reply,
+        decode_reply=decode_vgpuHostFuncPoll_reply,
+        in_handles=(),
         out_handles=(),
         out_caps=(),
         bounds=(),

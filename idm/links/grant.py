@@ -3,15 +3,16 @@
 Zone side (``offer``): grant a control page plus the ring pages to the host (gntalloc), format
 the control page, list the ring pages' grant refs in it, allocate one unbound event channel per
 ring, and publish ``ring-ref``, ``req-port``, ``rsp-port``, ``req-order``, ``rsp-order`` and
-finally ``state=offered`` under ``/local/domain/<zone>/data/vgpu/<name>/`` (zone-owned, host may
-read).
+finally ``state=offered`` under ``/local/domain/<zone>/data/<service>/<name>/`` (zone-owned, host
+may read; the service directory is ``vgpu`` for gpu-proxy's channels, ``vgpu-agent`` for the zone
+agent's control channel).
 
 Host side (``attach``): everything the zone wrote is untrusted. The xenstore values are parsed
 strictly and bounded; the control page is mapped alone and the ref list copied out of it once,
 then validated (count fixed by the layout, no reserved or repeated refs) and never read from
 shared memory again; control page and rings are mapped as one region with one gntdev request;
 both ports are bound; ``state=connected`` goes in a host-owned key the zone may only read,
-``/local/domain/<host>/backend/vgpu/<zone>/<name>/state``.
+``/local/domain/<host>/backend/<service>/<zone>/<name>/state``.
 
 The parsing and validation are plain functions so they are tested without Xen.
 """
@@ -46,6 +47,9 @@ GREF_MAX = 0xFFFFFFFF
 # EVTCHN_FIFO_NR_CHANNELS - 1: no event channel ABI has a larger port.
 MAX_PORT = (1 << 17) - 1
 
+# The service directory: gpu-proxy serves every channel under data/vgpu/; other services (the
+# zone agent's control channel, "vgpu-agent") keep theirs apart so it never attaches them.
+SERVICE = "vgpu"
 STATE_OFFERED = "offered"
 STATE_CONNECTED = "connected"
 ZONE_KEYS = ("ring-ref", "req-port", "rsp-port", "req-order", "rsp-order", "state")
@@ -87,14 +91,14 @@ def ring_pages(layout: RingLayout) -> int:
     return pages
 
 
-def zone_path(zone_domid: int, name: str) -> str:
-    """The zone's own keys for channel ``name`` (only the zone writes them)."""
-    return f"/local/domain/{zone_domid}/data/vgpu/{name}"
+def zone_path(zone_domid: int, name: str, service: str = SERVICE) -> str:
+    """The zone's own keys for channel ``name`` of ``service`` (only the zone writes them)."""
+    return f"/local/domain/{zone_domid}/data/{service}/{name}"
 
 
-def host_path(host_domid: int, zone_domid: int, name: str) -> str:
+def host_path(host_domid: int, zone_domid: int, name: str, service: str = SERVICE) -> str:
     """The host's keys for the zone's channel ``name`` (only the host writes them)."""
-    return f"/local/domain/{host_domid}/backend/vgpu/{zone_domid}/{name}"
+    return f"/local/domain/{host_domid}/backend/{service}/{zone_domid}/{name}"
 
 
 def offer_values(offer: Offer) -> dict[str, str]:
@@ -182,6 +186,20 @@ def _publish(xs: Xenstore, path: str, owner: int, reader: int, values: Mapping[s
         xs.write(f"{path}/{key}", value)
 
 
+@dataclass(frozen=True, slots=True)
+class ZoneHandles:
+    """The open devices behind the zone side of a channel: what a process needs to use it
+    without opening /dev/xen itself (the zone agent passes them over a unix socket)."""
+
+    pages_fd: int  # gntalloc: map pages_length bytes at pages_offset
+    pages_offset: int
+    pages_length: int
+    req_fd: int  # evtchn bound to req_port: the request ring's doorbell
+    req_port: int
+    rsp_fd: int  # evtchn bound to rsp_port: the response ring's doorbell
+    rsp_port: int
+
+
 class GrantLink:
     """One side of a channel between a zone and the host: the mapped region (control page, then
     the request ring, then the response ring) and one event channel per ring."""
@@ -206,13 +224,23 @@ class GrantLink:
         self._closed = False
 
     @classmethod
-    def offer(cls, name: str, layout: RingLayout, xs: Xenstore, remote_domid: int = 0) -> Self:
-        """Zone side: grant and format the region, bind the ports, publish ``state=offered``."""
+    def offer(
+        cls,
+        name: str,
+        layout: RingLayout,
+        xs: Xenstore,
+        remote_domid: int = 0,
+        *,
+        service: str = SERVICE,
+    ) -> Self:
+        """Zone side: grant and format the region, bind the ports, publish ``state=offered``
+        under ``data/<service>/<name>``."""
         check_name(name)
+        check_name(service)
         check_domid(remote_domid)
         count = ring_pages(layout)
         own = xs.own_domid()
-        path = zone_path(own, name)
+        path = zone_path(own, name, service)
         with ExitStack() as undo:
             pages = GrantedPages.allocate(remote_domid, 1 + count)
             undo.callback(pages.close)
@@ -240,12 +268,16 @@ class GrantLink:
         return cls(Side.ZONE, layout, pages, req, rsp, xs, path)
 
     @classmethod
-    def attach(cls, domid: int, name: str, xs: Xenstore, *, host_domid: int = 0) -> Self:
-        """Host side: validate zone ``domid``'s offer of channel ``name``, map it, bind the
-        ports, publish ``state=connected``. Raises InvalidOffer for anything the zone got wrong."""
+    def attach(
+        cls, domid: int, name: str, xs: Xenstore, *, host_domid: int = 0, service: str = SERVICE
+    ) -> Self:
+        """Host side: validate zone ``domid``'s offer of channel ``name`` of ``service``, map
+        it, bind the ports, publish ``state=connected``. Raises InvalidOffer for anything the
+        zone got wrong."""
         check_name(name)
+        check_name(service)
         check_domid(domid)
-        path = zone_path(domid, name)
+        path = zone_path(domid, name, service)
         try:
             offer = parse_offer({key: xs.read(f"{path}/{key}") for key in ZONE_KEYS})
         except InvalidOffer as exc:
@@ -257,7 +289,7 @@ class GrantLink:
             refs = decode_grefs(raw, count, offer.ring_ref)
         except InvalidOffer as exc:
             raise InvalidOffer(f"{path}: control page (ref {offer.ring_ref}): {exc}") from exc
-        hpath = host_path(host_domid, domid, name)
+        hpath = host_path(host_domid, domid, name, service)
         with ExitStack() as undo:
             region = MappedGrants.map(domid, [offer.ring_ref, *refs])
             undo.callback(region.close)
@@ -298,6 +330,21 @@ class GrantLink:
 
     def open_channel(self, *, spin_ns: int | None = None) -> Channel:
         return Channel(self, self._side, spin_ns=spin_ns)
+
+    def zone_handles(self) -> ZoneHandles:
+        """Zone side only: the fds, offset and ports behind this link. They stay owned by the
+        link (``close`` closes them); pass them on, do not close them."""
+        if self._side != Side.ZONE or isinstance(self._pages, MappedGrants):
+            raise ValueError("only the zone side of a grant link has granted pages to hand on")
+        return ZoneHandles(
+            pages_fd=self._pages.fd,
+            pages_offset=self._pages.offset,
+            pages_length=len(self._pages.memory),
+            req_fd=self._req.fd,
+            req_port=self._req.port,
+            rsp_fd=self._rsp.fd,
+            rsp_port=self._rsp.port,
+        )
 
     def close(self) -> None:
         """Unmap, unbind both ports and withdraw what this side published. Raises BufferError,

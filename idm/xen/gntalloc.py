@@ -71,6 +71,17 @@ class GrantedPages(Closing):
             raise
         return cls(fd, device, domid, index[0], tuple(grefs), memory)
 
+    @property
+    def fd(self) -> int:
+        """The open gntalloc device: another process given this fd maps the same pages with
+        ``mmap(fd, length, offset)`` (the zone agent hands a channel's pages to a process)."""
+        return self._fd
+
+    @property
+    def offset(self) -> int:
+        """Where these pages lie in ``fd``'s mmap space."""
+        return self._index
+
     def close(self) -> None:
         """Unmap and end the grants. The hypervisor keeps a page alive while the peer still maps
         it, so this is safe at any time. Raises BufferError (releasing nothing) while a buffer

@@ -21,9 +21,9 @@
 
 /* == IDM_MAX_PAYLOAD in idm.h */
 #define VGPU_MAX_PAYLOAD (64u << 20)
-#define VGPU_NUM_CALLS 48
+#define VGPU_NUM_CALLS 53
 /* First 64 bits of the call table's SHA-256 (both ends can compare it at hello). */
-#define VGPU_CALL_TABLE_DIGEST 0xd1ad8ea3740a1b4bull
+#define VGPU_CALL_TABLE_DIGEST 0xb32ef463cbdb78d3ull
 
 /* ---- opcodes ---- */
 #define VGPU_OP_cuInit                       0x0101u
@@ -40,6 +40,7 @@
 #define VGPU_OP_cuMemGetInfo_v2              0x0201u
 #define VGPU_OP_cuMemAlloc_v2                0x0202u
 #define VGPU_OP_cuMemFree_v2                 0x0203u
+#define VGPU_OP_cuMemFreeAsync               0x0204u
 #define VGPU_OP_cuMemcpyHtoD_v2              0x0210u
 #define VGPU_OP_cuMemcpyDtoH_v2              0x0211u
 #define VGPU_OP_cuMemcpyDtoD_v2              0x0212u
@@ -56,13 +57,17 @@
 #define VGPU_OP_cuModuleLoadData             0x0401u
 #define VGPU_OP_cuModuleUnload               0x0402u
 #define VGPU_OP_cuModuleGetFunction          0x0403u
+#define VGPU_OP_cuModuleGetGlobal_v2         0x0404u
 #define VGPU_OP_cuFuncGetAttribute           0x0501u
+#define VGPU_OP_cuFuncSetAttribute           0x0502u
 #define VGPU_OP_cuLaunchKernel               0x0510u
 #define VGPU_OP_cuStreamCreate               0x0601u
 #define VGPU_OP_cuStreamDestroy_v2           0x0602u
 #define VGPU_OP_cuStreamSynchronize          0x0603u
 #define VGPU_OP_cuStreamQuery                0x0604u
 #define VGPU_OP_cuStreamWaitEvent            0x0605u
+#define VGPU_OP_vgpuHostFuncMark             0x0606u
+#define VGPU_OP_vgpuHostFuncPoll             0x0607u
 #define VGPU_OP_cuEventCreate                0x0701u
 #define VGPU_OP_cuEventRecord                0x0702u
 #define VGPU_OP_cuEventSynchronize           0x0703u
@@ -84,6 +89,7 @@
 #define VGPU_MAX_cuMemcpyDtoHAsync_v2_dstHost 67108860u
 #define VGPU_MAX_cuModuleLoadData_image 67108856u
 #define VGPU_MAX_cuModuleGetFunction_name 4096u
+#define VGPU_MAX_cuModuleGetGlobal_v2_name 4096u
 #define VGPU_MAX_cuLaunchKernel_params 32764u
 #define VGPU_SIZE_cuIpcGetMemHandle_pHandle 64u
 #define VGPU_SIZE_cuIpcOpenMemHandle_v2_handle 64u
@@ -173,6 +179,13 @@ int vgpu_unmarshal_cuMemAlloc_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
 /* cuMemFree_v2 (0x0203, sync) */
 int vgpu_marshal_cuMemFree_v2(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr);
 int vgpu_unmarshal_cuMemFree_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/*
+ * cuMemFreeAsync (0x0204, async): the memory returns to the zone's quota when hStream reaches the
+ * free; libvgpu allocates for cuMemAllocAsync with cuMemAlloc_v2 at once
+ */
+int vgpu_marshal_cuMemFreeAsync(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr,
+                                uint64_t hStream);
 
 /*
  * cuMemcpyHtoD_v2 (0x0210, sync): copies larger than the max are split by libvgpu (or go through
@@ -266,9 +279,27 @@ int vgpu_marshal_cuModuleGetFunction(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_
 int vgpu_unmarshal_cuModuleGetFunction_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
                                              uint64_t *hfunc);
 
+/*
+ * cuModuleGetGlobal_v2 (0x0404, sync): a __device__/__constant__ variable of the module: gpu-proxy
+ * charged its memory to the zone when the module was loaded
+ */
+int vgpu_marshal_cuModuleGetGlobal_v2(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hmod,
+                                      const char *name);
+int vgpu_unmarshal_cuModuleGetGlobal_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                              unsigned long long *dptr, size_t *size);
+
 /* cuFuncGetAttribute (0x0501, sync) */
 int vgpu_marshal_cuFuncGetAttribute(uint8_t *vgpu_buf, size_t vgpu_cap, int attrib, uint64_t hfunc);
 int vgpu_unmarshal_cuFuncGetAttribute_reply(const uint8_t *vgpu_buf, size_t vgpu_len, int *pi);
+
+/*
+ * cuFuncSetAttribute (0x0502, sync): libvgpu forwards
+ * CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES only (the launch limit gpu-proxy checks); it
+ * answers the other attributes itself
+ */
+int vgpu_marshal_cuFuncSetAttribute(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hfunc, int attrib,
+                                    int value);
+int vgpu_unmarshal_cuFuncSetAttribute_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
 
 /*
  * cuLaunchKernel (0x0510, async): kernelParams/extra are packed by libvgpu into `params` using the
@@ -300,6 +331,22 @@ int vgpu_unmarshal_cuStreamQuery_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
 /* cuStreamWaitEvent (0x0605, async) */
 int vgpu_marshal_cuStreamWaitEvent(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hStream,
                                    uint64_t hEvent, unsigned int Flags);
+
+/*
+ * vgpuHostFuncMark (0x0606, async): cuLaunchHostFunc / cuStreamAddCallback: marks the point of
+ * hStream after which libvgpu's host-function thread may run the function; `mark` is libvgpu's
+ * name for it, unique in the process
+ */
+int vgpu_marshal_vgpuHostFuncMark(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hStream,
+                                  uint64_t mark);
+
+/*
+ * vgpuHostFuncPoll (0x0607, sync): whether the stream has reached the mark (1: reached, and the
+ * mark is forgotten); never answers with an earlier fire-and-forget call's error, which stays for
+ * the application's next call
+ */
+int vgpu_marshal_vgpuHostFuncPoll(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t mark);
+int vgpu_unmarshal_vgpuHostFuncPoll_reply(const uint8_t *vgpu_buf, size_t vgpu_len, int *ready);
 
 /* cuEventCreate (0x0701, sync) */
 int vgpu_marshal_cuEventCreate(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned int Flags);

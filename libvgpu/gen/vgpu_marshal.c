@@ -93,6 +93,7 @@ const struct vgpu_call_info vgpu_calls[] = {
     {"cuMemGetInfo_v2", 0x0201u, 0u, 16u, 0},
     {"cuMemAlloc_v2", 0x0202u, 8u, 8u, 0},
     {"cuMemFree_v2", 0x0203u, 8u, 0u, 0},
+    {"cuMemFreeAsync", 0x0204u, 16u, 0u, 1},
     {"cuMemcpyHtoD_v2", 0x0210u, 16u, 0u, 0},
     {"cuMemcpyDtoH_v2", 0x0211u, 16u, 0u, 0},
     {"cuMemcpyDtoD_v2", 0x0212u, 24u, 0u, 0},
@@ -109,13 +110,17 @@ const struct vgpu_call_info vgpu_calls[] = {
     {"cuModuleLoadData", 0x0401u, 8u, 8u, 0},
     {"cuModuleUnload", 0x0402u, 8u, 0u, 0},
     {"cuModuleGetFunction", 0x0403u, 8u, 8u, 0},
+    {"cuModuleGetGlobal_v2", 0x0404u, 8u, 16u, 0},
     {"cuFuncGetAttribute", 0x0501u, 12u, 4u, 0},
+    {"cuFuncSetAttribute", 0x0502u, 16u, 0u, 0},
     {"cuLaunchKernel", 0x0510u, 48u, 0u, 1},
     {"cuStreamCreate", 0x0601u, 4u, 8u, 0},
     {"cuStreamDestroy_v2", 0x0602u, 8u, 0u, 0},
     {"cuStreamSynchronize", 0x0603u, 8u, 0u, 0},
     {"cuStreamQuery", 0x0604u, 8u, 0u, 0},
     {"cuStreamWaitEvent", 0x0605u, 20u, 0u, 1},
+    {"vgpuHostFuncMark", 0x0606u, 16u, 0u, 1},
+    {"vgpuHostFuncPoll", 0x0607u, 8u, 4u, 0},
     {"cuEventCreate", 0x0701u, 4u, 8u, 0},
     {"cuEventRecord", 0x0702u, 16u, 0u, 1},
     {"cuEventSynchronize", 0x0703u, 8u, 0u, 0},
@@ -467,6 +472,19 @@ int vgpu_unmarshal_cuMemFree_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
     if (vgpu_len != 0)
         return -1;
     return 0;
+}
+
+/* ---- cuMemFreeAsync (0x0204, async) ---- */
+
+int vgpu_marshal_cuMemFreeAsync(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dptr,
+                                uint64_t hStream)
+{
+    size_t vgpu_len = 16;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)dptr);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)hStream);
+    return (int)vgpu_len;
 }
 
 /* ---- cuMemcpyHtoD_v2 (0x0210, sync) ---- */
@@ -866,6 +884,43 @@ int vgpu_unmarshal_cuModuleGetFunction_reply(const uint8_t *vgpu_buf, size_t vgp
     return 0;
 }
 
+/* ---- cuModuleGetGlobal_v2 (0x0404, sync) ---- */
+
+int vgpu_marshal_cuModuleGetGlobal_v2(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hmod,
+                                      const char *name)
+{
+    size_t vgpu_len = 8;
+    size_t vgpu_n_name;
+    if (name == NULL)
+        return -1;
+    vgpu_n_name = vgpu_strnlen(name, 4097u);
+    if (vgpu_n_name > 4096u)
+        return -1;
+    vgpu_len += 4 + vgpu_n_name;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)hmod);
+    size_t vgpu_off = 8;
+    vgpu_put_u32(vgpu_buf + vgpu_off, (uint32_t)vgpu_n_name);
+    memcpy(vgpu_buf + vgpu_off + 4, name, vgpu_n_name);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuModuleGetGlobal_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                              unsigned long long *dptr, size_t *size)
+{
+    if (vgpu_len != 16 || vgpu_buf == NULL)
+        return -1;
+    if (!vgpu_fits_size(vgpu_get_u64(vgpu_buf + 8)))
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (dptr != NULL)
+        *dptr = (unsigned long long)vgpu_get_u64(vgpu_buf + 0);
+    if (size != NULL)
+        *size = (size_t)vgpu_get_u64(vgpu_buf + 8);
+    return 0;
+}
+
 /* ---- cuFuncGetAttribute (0x0501, sync) ---- */
 
 int vgpu_marshal_cuFuncGetAttribute(uint8_t *vgpu_buf, size_t vgpu_cap, int attrib, uint64_t hfunc)
@@ -885,6 +940,28 @@ int vgpu_unmarshal_cuFuncGetAttribute_reply(const uint8_t *vgpu_buf, size_t vgpu
     /* The payload is valid: write the outputs. */
     if (pi != NULL)
         *pi = (int)vgpu_get_i32(vgpu_buf + 0);
+    return 0;
+}
+
+/* ---- cuFuncSetAttribute (0x0502, sync) ---- */
+
+int vgpu_marshal_cuFuncSetAttribute(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hfunc, int attrib,
+                                    int value)
+{
+    size_t vgpu_len = 16;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)hfunc);
+    vgpu_put_i32(vgpu_buf + 8, (int32_t)attrib);
+    vgpu_put_i32(vgpu_buf + 12, (int32_t)value);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_cuFuncSetAttribute_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
     return 0;
 }
 
@@ -1011,6 +1088,40 @@ int vgpu_marshal_cuStreamWaitEvent(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t 
     vgpu_put_u64(vgpu_buf + 8, (uint64_t)hEvent);
     vgpu_put_u32(vgpu_buf + 16, (uint32_t)Flags);
     return (int)vgpu_len;
+}
+
+/* ---- vgpuHostFuncMark (0x0606, async) ---- */
+
+int vgpu_marshal_vgpuHostFuncMark(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hStream,
+                                  uint64_t mark)
+{
+    size_t vgpu_len = 16;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)hStream);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)mark);
+    return (int)vgpu_len;
+}
+
+/* ---- vgpuHostFuncPoll (0x0607, sync) ---- */
+
+int vgpu_marshal_vgpuHostFuncPoll(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t mark)
+{
+    size_t vgpu_len = 8;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)mark);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuHostFuncPoll_reply(const uint8_t *vgpu_buf, size_t vgpu_len, int *ready)
+{
+    if (vgpu_len != 4 || vgpu_buf == NULL)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (ready != NULL)
+        *ready = (int)vgpu_get_i32(vgpu_buf + 0);
+    return 0;
 }
 
 /* ---- cuEventCreate (0x0701, sync) ---- */

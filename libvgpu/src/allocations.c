@@ -31,7 +31,8 @@ static size_t floor_index(CUdeviceptr ptr)
     return lo ? lo - 1 : SIZE_MAX;
 }
 
-int vgpu_allocations_add(CUdeviceptr base, size_t size, CUcontext ctx, CUdevice device)
+int vgpu_allocations_add(CUdeviceptr base, size_t size, CUcontext ctx, CUdevice device,
+                         const void *module)
 {
     size_t at = floor_index(base) + 1; /* SIZE_MAX + 1 == 0 */
 
@@ -44,7 +45,8 @@ int vgpu_allocations_add(CUdeviceptr base, size_t size, CUcontext ctx, CUdevice 
         allocs.cap = cap;
     }
     memmove(&allocs.items[at + 1], &allocs.items[at], (allocs.count - at) * sizeof(*allocs.items));
-    allocs.items[at] = (struct vgpu_allocation){base, size, ctx, device, ++allocs.next_buffer_id};
+    allocs.items[at] =
+        (struct vgpu_allocation){base, size, ctx, device, ++allocs.next_buffer_id, module, NULL};
     allocs.count++;
     return 0;
 }
@@ -86,13 +88,31 @@ CUdeviceptr *vgpu_allocations_detach_ctx(CUcontext ctx, size_t *n)
     if (!bases)
         return NULL;
     for (size_t i = 0; i < allocs.count; i++) {
-        if (allocs.items[i].ctx == ctx)
-            bases[(*n)++] = allocs.items[i].base;
-        else
+        if (allocs.items[i].ctx != ctx)
             allocs.items[kept++] = allocs.items[i];
+        else if (!allocs.items[i].module)
+            bases[(*n)++] = allocs.items[i].base;
     }
     allocs.count = kept;
     return bases;
+}
+
+void vgpu_allocations_set_pool(CUdeviceptr base, const void *pool)
+{
+    size_t i = floor_index(base);
+
+    if (i != SIZE_MAX && allocs.items[i].base == base)
+        allocs.items[i].pool = pool;
+}
+
+void vgpu_allocations_remove_module(const void *module)
+{
+    size_t kept = 0;
+
+    for (size_t i = 0; i < allocs.count; i++)
+        if (allocs.items[i].module != module)
+            allocs.items[kept++] = allocs.items[i];
+    allocs.count = kept;
 }
 
 void vgpu_allocations_reset(void)

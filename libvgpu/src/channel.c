@@ -1,7 +1,10 @@
 /*
- * The process's channel to gpu-proxy: a LocalLink to the zone socket named by VGPU_PROXY_SOCKET
+ * The process's channel to gpu-proxy, through the unix socket named by VGPU_PROXY_SOCKET
  * (default /run/vgpu/proxy.sock), opened by cuInit (or lazily by the child of a fork), hello'd
- * with the call table's digest, then used for every forwarded call.
+ * with the call table's digest, then used for every forwarded call. VGPU_LINK says what listens
+ * there: "local" (the default) is gpu-proxy itself, and the process offers it a LocalLink;
+ * "grant" is the Xen zone agent's channel broker, which hands the process a GrantLink's granted
+ * pages and event channels already attached by gpu-proxy in Dom0 (idm/csrc/grant_fd_link.c).
  *
  * One call is in flight at a time: the channel lock is held from a request's first byte to its
  * reply's last, so replies always answer the request just sent (checked by seq and opcode).
@@ -10,8 +13,9 @@
  * A channel that fails (gpu-proxy closed it, broke the ring protocol, or its process died) is
  * lost for good: its handles lived in gpu-proxy, so every later call fails with
  * CUDA_ERROR_DEVICE_UNAVAILABLE, as a real driver reports a GPU that fell off the bus. A
- * watchdog thread notices a dead gpu-proxy (its socket hangs up) and closes our endpoint, which
- * wakes any thread waiting in the ring.
+ * watchdog thread notices a dead gpu-proxy (its socket hangs up; the broker hangs up when
+ * gpu-proxy's side of a GrantLink goes away) and closes our endpoint, which wakes any thread
+ * waiting in the ring.
  */
 #include "vgpu.h"
 
@@ -35,16 +39,23 @@
 #define RING_ORDER 19
 /* The hello itself must not hang on a proxy that accepted the socket but does not answer. */
 #define HELLO_TIMEOUT_MS 30000
+/* The broker answers once gpu-proxy has attached the channel; it gives up (and says why) first. */
+#define BROKER_TIMEOUT_MS 60000
 
 enum channel_state { CH_NONE, CH_UP, CH_LOST };
+enum link_kind { LINK_LOCAL, LINK_GRANT };
 
 static struct {
     pthread_mutex_t lock;
     enum channel_state state;
-    struct idm_local_link link;
+    enum link_kind kind;
+    struct idm_local_link local;      /* kind == LINK_LOCAL */
+    struct idm_grant_fd_link grant;   /* kind == LINK_GRANT */
+    struct idm_endpoint *ep;          /* the link's endpoint while the state is CH_UP */
+    int sock;                         /* the link's socket: hangs up when the host goes */
     uint64_t seq;
     int host_gone; /* set by the watchdog: gpu-proxy's socket hung up */
-} chan = {.lock = PTHREAD_MUTEX_INITIALIZER, .state = CH_NONE};
+} chan = {.lock = PTHREAD_MUTEX_INITIALIZER, .state = CH_NONE, .sock = -1};
 
 void vgpu_log(const char *fmt, ...)
 {
@@ -76,8 +87,8 @@ static const char *socket_path(void)
  * thread waiting in the ring wakes with -EPIPE instead of waiting for a reply that cannot come. */
 static void *watchdog(void *arg)
 {
-    struct idm_local_link *link = arg;
-    struct pollfd p = {.fd = link->sock, .events = POLLRDHUP};
+    struct idm_endpoint *ep = arg;
+    struct pollfd p = {.fd = chan.sock, .events = POLLRDHUP};
     char byte;
 
     for (;;) {
@@ -86,14 +97,15 @@ static void *watchdog(void *arg)
                 continue;
             break;
         }
-        /* gpu-proxy never writes to the socket after accepting the ring: any event is its end. */
-        if (recv(link->sock, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
+        /* Neither gpu-proxy nor the broker writes to the socket once the ring is handed over:
+         * any event is its end. */
+        if (recv(p.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
             (errno == EAGAIN || errno == EINTR))
             continue;
         break;
     }
     __atomic_store_n(&chan.host_gone, 1, __ATOMIC_SEQ_CST);
-    idm_ep_close(&link->ep);
+    idm_ep_close(ep);
     return NULL;
 }
 
@@ -110,27 +122,65 @@ static int start_watchdog(void)
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 64 << 10);
-    rc = pthread_create(&thread, &attr, watchdog, &chan.link);
+    rc = pthread_create(&thread, &attr, watchdog, chan.ep);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return rc;
 }
 
-static CUresult connect_locked(void)
+static void release_link(void)
+{
+    if (chan.kind == LINK_GRANT)
+        idm_grant_fd_release(&chan.grant);
+    else
+        idm_local_release(&chan.local);
+    chan.ep = NULL;
+    chan.sock = -1;
+}
+
+/* Open the link VGPU_LINK names; returns 0 or logs why and returns -1. */
+static int open_link(const char *path)
 {
     struct idm_layout layout = {RING_ORDER, RING_ORDER};
-    const char *path = socket_path();
+    const char *kind = getenv("VGPU_LINK");
     char why[256];
+
+    if (!kind || !*kind || !strcmp(kind, "local")) {
+        chan.kind = LINK_LOCAL;
+        if (idm_local_connect(&chan.local, path, &layout, why, sizeof(why))) {
+            vgpu_log("cannot reach gpu-proxy at %s (%s): no GPU for this process", path, why);
+            return -1;
+        }
+        chan.ep = &chan.local.ep;
+        chan.sock = chan.local.sock;
+        return 0;
+    }
+    if (!strcmp(kind, "grant")) {
+        chan.kind = LINK_GRANT;
+        if (idm_grant_fd_connect(&chan.grant, path, BROKER_TIMEOUT_MS, why, sizeof(why))) {
+            vgpu_log("cannot reach gpu-proxy through the zone agent at %s (%s): no GPU for "
+                     "this process", path, why);
+            return -1;
+        }
+        chan.ep = &chan.grant.ep;
+        chan.sock = chan.grant.sock;
+        return 0;
+    }
+    vgpu_log("VGPU_LINK=%.64s is not a link this libvgpu knows (local, grant): no GPU for this "
+             "process", kind);
+    return -1;
+}
+
+static CUresult connect_locked(void)
+{
+    const char *path = socket_path();
     uint32_t max_payload;
     uint16_t version;
     int rc;
 
-    rc = idm_local_connect(&chan.link, path, &layout, why, sizeof(why));
-    if (rc) {
-        vgpu_log("cannot reach gpu-proxy at %s (%s): no GPU for this process", path, why);
+    if (open_link(path))
         return CUDA_ERROR_NO_DEVICE;
-    }
-    rc = idm_hello_client(&chan.link.ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version,
+    rc = idm_hello_client(chan.ep, IDM_MAX_PAYLOAD, VGPU_CALL_TABLE_DIGEST, &version,
                           &max_payload, HELLO_TIMEOUT_MS);
     if (rc) {
         CUresult result = CUDA_ERROR_NO_DEVICE;
@@ -143,13 +193,13 @@ static CUresult connect_locked(void)
         } else {
             vgpu_log("gpu-proxy at %s did not complete the hello: %s", path, strerror(-rc));
         }
-        idm_local_release(&chan.link);
+        release_link();
         return result;
     }
     chan.host_gone = 0;
     if (start_watchdog()) {
         vgpu_log("cannot start the channel watchdog thread");
-        idm_local_release(&chan.link);
+        release_link();
         return CUDA_ERROR_OPERATING_SYSTEM;
     }
     chan.seq = 0;
@@ -161,13 +211,13 @@ static CUresult connect_locked(void)
 static CUresult lose_locked(const char *what, int err)
 {
     if (chan.state == CH_UP) {
-        const char *why = chan.link.ep.why[0] ? chan.link.ep.why : strerror(err);
+        const char *why = chan.ep->why[0] ? chan.ep->why : strerror(err);
         if (__atomic_load_n(&chan.host_gone, __ATOMIC_SEQ_CST))
             why = "gpu-proxy went away (its socket hung up)";
         else if (err == EPIPE)
             why = "gpu-proxy closed the channel";
         vgpu_log("lost the channel to gpu-proxy while %s: %s", what, why);
-        idm_ep_close(&chan.link.ep);
+        idm_ep_close(chan.ep);
         chan.state = CH_LOST;
     }
     return CUDA_ERROR_DEVICE_UNAVAILABLE;
@@ -201,7 +251,7 @@ size_t vgpu_channel_max_payload(void)
 {
     size_t n;
     pthread_mutex_lock(&chan.lock);
-    n = chan.state == CH_UP ? chan.link.ep.max_payload : IDM_MAX_PAYLOAD;
+    n = chan.state == CH_UP ? chan.ep->max_payload : IDM_MAX_PAYLOAD;
     pthread_mutex_unlock(&chan.lock);
     return n;
 }
@@ -215,11 +265,11 @@ static CUresult send_locked(uint32_t opcode, uint16_t flags, const struct iovec 
 
     for (int i = 0; i < n; i++)
         len += req[i].iov_len;
-    if (len > chan.link.ep.max_payload)
+    if (len > chan.ep->max_payload)
         return CUDA_ERROR_INVALID_VALUE; /* callers split what may be large; nothing was sent */
     *seq = ++chan.seq;
     idm_hdr_init(&h, opcode, flags, *seq, (uint32_t)len, 0);
-    rc = idm_sendv(&chan.link.ep, &h, req, n, -1);
+    rc = idm_sendv(chan.ep, &h, req, n, -1);
     return rc ? lose_locked("sending a request", -rc) : CUDA_SUCCESS;
 }
 
@@ -227,21 +277,21 @@ static CUresult send_locked(uint32_t opcode, uint16_t flags, const struct iovec 
 static int64_t reply_hdr_locked(uint32_t opcode, uint64_t seq, CUresult *status)
 {
     struct idm_hdr h;
-    int64_t len = idm_recv_hdr(&chan.link.ep, &h, -1);
+    int64_t len = idm_recv_hdr(chan.ep, &h, -1);
 
     if (len < 0) {
         *status = lose_locked("waiting for a reply", (int)-len);
         return -1;
     }
     if (!(h.flags & IDM_F_REPLY) || h.seq != seq || h.opcode != opcode) {
-        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+        snprintf(chan.ep->why, sizeof(chan.ep->why),
                  "reply (opcode 0x%x, seq %llu) does not answer request (opcode 0x%x, seq %llu)",
                  h.opcode, (unsigned long long)h.seq, opcode, (unsigned long long)seq);
         *status = lose_locked("reading a reply", EPROTO);
         return -1;
     }
     if (h.status != CUDA_SUCCESS && len != 0) {
-        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+        snprintf(chan.ep->why, sizeof(chan.ep->why),
                  "error reply to opcode 0x%x carries %lld payload bytes", opcode, (long long)len);
         *status = lose_locked("reading a reply", EPROTO);
         return -1;
@@ -259,12 +309,12 @@ static CUresult reply_locked(uint32_t opcode, uint64_t seq, void *rep, size_t ca
     if (len < 0)
         return status;
     if ((uint64_t)len > cap) {
-        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+        snprintf(chan.ep->why, sizeof(chan.ep->why),
                  "reply to opcode 0x%x has %lld payload bytes, at most %zu expected", opcode,
                  (long long)len, cap);
         return lose_locked("reading a reply", EPROTO);
     }
-    rc = idm_recv_payload(&chan.link.ep, rep, (uint64_t)len, -1);
+    rc = idm_recv_payload(chan.ep, rep, (uint64_t)len, -1);
     if (rc)
         return lose_locked("reading a reply", -rc);
     *rep_len = (size_t)len;
@@ -318,22 +368,22 @@ CUresult vgpu_call_blob(uint32_t opcode, const struct iovec *req, int n, void *d
     if (got < 0 || r != CUDA_SUCCESS)
         goto out;
     if ((uint64_t)got != sizeof(prefix) + (uint64_t)len) {
-        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+        snprintf(chan.ep->why, sizeof(chan.ep->why),
                  "reply to opcode 0x%x has %lld payload bytes, %zu expected", opcode,
                  (long long)got, sizeof(prefix) + len);
         r = lose_locked("reading a reply", EPROTO);
         goto out;
     }
-    rc = idm_recv_payload(&chan.link.ep, prefix, sizeof(prefix), -1);
+    rc = idm_recv_payload(chan.ep, prefix, sizeof(prefix), -1);
     if (!rc && ((uint32_t)prefix[0] | (uint32_t)prefix[1] << 8 | (uint32_t)prefix[2] << 16 |
                 (uint32_t)prefix[3] << 24) != len) {
-        snprintf(chan.link.ep.why, sizeof(chan.link.ep.why),
+        snprintf(chan.ep->why, sizeof(chan.ep->why),
                  "reply to opcode 0x%x announces another length than %zu bytes", opcode, len);
         r = lose_locked("reading a reply", EPROTO);
         goto out;
     }
     if (!rc)
-        rc = idm_recv_payload(&chan.link.ep, dst, len, -1);
+        rc = idm_recv_payload(chan.ep, dst, len, -1);
     if (rc)
         r = lose_locked("reading a reply", -rc);
 out:
@@ -372,18 +422,29 @@ CUresult vgpu_call_batch(struct vgpu_batch_call *calls, size_t n)
 /* The child's copy of the channel is its parent's: close our copies of the descriptors without
  * touching the shared pages (marking them closed would close the parent's channel), so that the
  * parent's socket hangs up when the parent, not the child, goes away. */
+static void forget_mapping(void *base, size_t len, const int *fds, int nfds, int sock)
+{
+    if (base != MAP_FAILED && base)
+        munmap(base, len);
+    for (int i = 0; i < nfds; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    if (sock >= 0)
+        close(sock);
+}
+
 static void forget_parent_channel(void)
 {
-    if (chan.state != CH_NONE) {
-        if (chan.link.base != MAP_FAILED && chan.link.base)
-            munmap(chan.link.base, chan.link.len);
-        for (int i = 0; i < IDM_LOCAL_NFDS; i++)
-            if (chan.link.fds[i] >= 0)
-                close(chan.link.fds[i]);
-        if (chan.link.sock >= 0)
-            close(chan.link.sock);
-    }
-    memset(&chan.link, 0, sizeof(chan.link));
+    if (chan.state != CH_NONE && chan.kind == LINK_LOCAL)
+        forget_mapping(chan.local.base, chan.local.len, chan.local.fds, IDM_LOCAL_NFDS,
+                       chan.local.sock);
+    if (chan.state != CH_NONE && chan.kind == LINK_GRANT)
+        forget_mapping(chan.grant.base, chan.grant.len, chan.grant.fds, IDM_GRANT_FD_NFDS,
+                       chan.grant.sock);
+    memset(&chan.local, 0, sizeof(chan.local));
+    memset(&chan.grant, 0, sizeof(chan.grant));
+    chan.ep = NULL;
+    chan.sock = -1;
     chan.state = CH_NONE;
     chan.seq = 0;
     chan.host_gone = 0;

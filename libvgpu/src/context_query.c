@@ -28,5 +28,6 @@ VGPU_API CUresult CUDAAPI cuCtxSynchronize_v2(CUcontext ctx)
 
     if (r)
         return r;
+    vgpu_host_funcs_wait(0);
     return vgpu_call(VGPU_OP_cuCtxSynchronize, NULL, 0, rep, sizeof(rep), &len);
 }

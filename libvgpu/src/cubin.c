@@ -25,7 +25,11 @@
 #define EIATTR_KPARAM_INFO 0x17      /* SVAL: u32 index, u16 ordinal, u16 offset, u32 size << 18 */
 #define EIATTR_CBANK_PARAM_SIZE 0x19 /* HVAL: parameter bytes */
 #define EIATTR_KPARAM_INFO_V2 0x45   /* SVAL: u32 index, u16 ordinal, u16 offset, u16 size, u16 */
+#define EIATTR_MAX_THREADS 0x05      /* SVAL: u32 x, y, z (__launch_bounds__) */
+#define EIATTR_FRAME_SIZE 0x11       /* SVAL in .nv.info: u32 symbol, u32 bytes per thread */
+#define EIATTR_REGCOUNT 0x2F         /* SVAL in .nv.info: u32 symbol, u32 registers per thread */
 #define NO_SIZE UINT32_MAX
+#define RESERVED_SHARED 1024u /* shared memory the hardware keeps per block (sm_80 and later) */
 
 struct elf {
     const uint8_t *data;
@@ -176,6 +180,12 @@ static int read_layout(const struct elf *e, struct vgpu_kernel *k, char *why, si
                 cbank = rd16(value + 6);
             } else if (pass == 1 && attr == EIATTR_CBANK_PARAM_SIZE && fmt == EIFMT_HVAL) {
                 declared = field;
+            } else if (pass == 1 && attr == EIATTR_MAX_THREADS && fmt == EIFMT_SVAL) {
+                uint64_t threads;
+                if (field < 12)
+                    return fail(why, why_len, "short MAX_THREADS");
+                threads = (uint64_t)rd32(value) * rd32(value + 4) * rd32(value + 8);
+                k->attrs.max_threads = threads > UINT32_MAX ? UINT32_MAX : (uint32_t)threads;
             }
         }
         if (pass == 0) {
@@ -195,16 +205,103 @@ static int read_layout(const struct elf *e, struct vgpu_kernel *k, char *why, si
     return 0;
 }
 
+/* The size of the section called `prefix` + `name` (0 when there is none). */
+static uint32_t section_size(const struct elf *e, const char *prefix, const char *name)
+{
+    char full[600];
+    long idx;
+
+    if (snprintf(full, sizeof(full), "%s%s", prefix, name) >= (int)sizeof(full))
+        return 0;
+    idx = find_section(e, full);
+    return idx < 0 ? 0 : (uint32_t)section(e, (size_t)idx).sh_size;
+}
+
+/* Whether the module has a .nv.shared.reserved.N section. */
+static int has_reserved_window(const struct elf *e)
+{
+    static const char prefix[] = ".nv.shared.reserved.";
+
+    for (size_t i = 1; i < e->shnum; i++) {
+        Elf64_Shdr sh = section(e, i);
+        const char *s = string_at(e, &e->strtab_hdr, sh.sh_name);
+        if (s && strncmp(s, prefix, sizeof(prefix) - 1) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Registers and frame sizes from the module's .nv.info, by symbol index (syms[i] is kernel
+ * i's); the rest of each kernel's attributes from its sections. */
+static int read_attributes(const struct elf *e, struct vgpu_kernels *out, const size_t *syms,
+                           uint32_t arch, char *why, size_t why_len)
+{
+    long idx = find_section(e, ".nv.info");
+    uint32_t constants = section_size(e, ".nv.constant3", "");
+    const uint8_t *info = NULL;
+    size_t len = 0;
+
+    if (idx >= 0) {
+        Elf64_Shdr sh = section(e, (size_t)idx);
+        if (!in_image(e, sh.sh_offset, sh.sh_size))
+            return fail(why, why_len, ".nv.info section outside the image");
+        info = e->data + sh.sh_offset;
+        len = sh.sh_size;
+    }
+    for (size_t i = 0; i < out->count; i++) {
+        struct vgpu_func_attrs *a = &out->kernels[i].attrs;
+        a->known = 1;
+        a->arch = arch;
+        a->const_bytes = constants;
+        a->shared_static = section_size(e, ".nv.shared.", out->kernels[i].name);
+        /* nvcc 13 for sm_90 places a kernel's shared variables after the 1 KiB the hardware
+         * reserves per block, and says so with a .nv.shared.reserved.N section: the kernel's
+         * section then spans that window too, which is not the kernel's own memory. */
+        if (has_reserved_window(e) && a->shared_static >= RESERVED_SHARED)
+            a->shared_static -= RESERVED_SHARED;
+    }
+    for (size_t pos = 0; pos + 4 <= len;) {
+        uint8_t fmt = info[pos], attr = info[pos + 1];
+        uint16_t field = rd16(info + pos + 2);
+        const uint8_t *value = info + pos + 4;
+
+        if (fmt != EIFMT_SVAL) {
+            pos += 4;
+            continue;
+        }
+        if (field > len - pos - 4)
+            return fail(why, why_len, ".nv.info attribute runs past its section");
+        pos += 4u + field;
+        if ((attr != EIATTR_REGCOUNT && attr != EIATTR_FRAME_SIZE) || field < 8)
+            continue;
+        for (size_t i = 0; i < out->count; i++) {
+            if (syms[i] != rd32(value))
+                continue;
+            if (attr == EIATTR_REGCOUNT)
+                out->kernels[i].attrs.num_regs = rd32(value + 4);
+            else
+                out->kernels[i].attrs.local_bytes = rd32(value + 4);
+        }
+    }
+    return 0;
+}
+
 int vgpu_cubin_kernels(const uint8_t *data, size_t size, struct vgpu_kernels *out, char *why,
                        size_t why_len)
 {
     struct elf e;
     Elf64_Shdr symtab, strtab;
+    Elf64_Ehdr eh;
     long symtab_idx = -1;
-    size_t nsyms;
+    size_t nsyms, *syms;
+    uint32_t arch;
+    int rc = 0;
 
     if (open_elf(&e, data, size, why, why_len))
         return -1;
+    /* The SM: e_flags bits 8-15 since ELF ABI version 8, bits 0-7 before. */
+    memcpy(&eh, data, sizeof(eh));
+    arch = eh.e_ident[EI_ABIVERSION] >= 8 ? (eh.e_flags >> 8) & 0xFF : eh.e_flags & 0xFF;
     for (size_t i = 1; i < e.shnum; i++) {
         if (section(&e, i).sh_type != SHT_SYMTAB)
             continue;
@@ -221,8 +318,11 @@ int vgpu_cubin_kernels(const uint8_t *data, size_t size, struct vgpu_kernels *ou
     strtab = section(&e, symtab.sh_link);
     nsyms = symtab.sh_size / sizeof(Elf64_Sym);
     out->kernels = calloc(nsyms ? nsyms : 1, sizeof(*out->kernels));
-    if (!out->kernels)
+    syms = calloc(nsyms ? nsyms : 1, sizeof(*syms));
+    if (!out->kernels || !syms) {
+        free(syms);
         return fail(why, why_len, "out of memory");
+    }
     for (size_t i = 0; i < nsyms; i++) {
         Elf64_Sym sym;
         const char *name;
@@ -233,15 +333,23 @@ int vgpu_cubin_kernels(const uint8_t *data, size_t size, struct vgpu_kernels *ou
             continue;
         name = string_at(&e, &strtab, sym.st_name);
         if (!name)
-            return fail(why, why_len, "symbol name outside its string table");
-        if (vgpu_kernels_find(out, name))
-            return fail(why, why_len, "kernel defined twice");
+            rc = fail(why, why_len, "symbol name outside its string table");
+        else if (vgpu_kernels_find(out, name))
+            rc = fail(why, why_len, "kernel defined twice");
+        if (rc)
+            break;
+        syms[out->count] = i;
         k = &out->kernels[out->count++];
         k->name = strdup(name);
         if (!k->name)
-            return fail(why, why_len, "out of memory");
-        if (read_layout(&e, k, why, why_len))
-            return -1;
+            rc = fail(why, why_len, "out of memory");
+        else
+            rc = read_layout(&e, k, why, why_len);
+        if (rc)
+            break;
     }
-    return 0;
+    if (!rc)
+        rc = read_attributes(&e, out, syms, arch, why, why_len);
+    free(syms);
+    return rc;
 }

@@ -12,10 +12,12 @@ static void prepare(void)
     vgpu_init_atfork(VGPU_FORK_PREPARE);
     vgpu_channel_atfork(VGPU_FORK_PREPARE);
     vgpu_lock();
+    vgpu_host_funcs_atfork(VGPU_FORK_PREPARE);
 }
 
 static void parent(void)
 {
+    vgpu_host_funcs_atfork(VGPU_FORK_PARENT);
     vgpu_unlock();
     vgpu_channel_atfork(VGPU_FORK_PARENT);
     vgpu_init_atfork(VGPU_FORK_PARENT);
@@ -23,8 +25,10 @@ static void parent(void)
 
 static void child(void)
 {
+    vgpu_host_funcs_atfork(VGPU_FORK_CHILD);
     vgpu_objects_reset();
     vgpu_allocations_reset();
+    vgpu_mempools_reset();
     vgpu_contexts_reset();
     vgpu_cls_reset();
     vgpu_unlock();

@@ -100,6 +100,13 @@ VGPU_API CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gridDimX,
         (kernelParams && extra))
         return CUDA_ERROR_INVALID_VALUE;
     r = vgpu_kernel_function(&f);
+    if (!r && sharedMemBytes) {
+        /* Refused now, as CUDA does, rather than at the next synchronising call. */
+        struct vgpu_function_info info;
+        r = vgpu_function_attributes(f, &info);
+        if (!r && sharedMemBytes > (unsigned int)info.max_dynamic_shared)
+            r = CUDA_ERROR_INVALID_VALUE;
+    }
     if (!r)
         r = vgpu_stream_id(hStream, &stream);
     if (!r && extra)
@@ -137,3 +144,45 @@ CUresult CUDAAPI cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX, unsign
                                      unsigned int sharedMemBytes, CUstream hStream,
                                      void **kernelParams, void **extra)
     VGPU_ALIAS(cuLaunchKernel);
+
+/* Whether a launch attribute can be honoured: the ones that ask for nothing beyond a plain
+ * launch. Cooperative and cluster launches, priorities, programmatic dependencies, memory
+ * sync domains, ... are refused rather than dropped. */
+static int plain_launch_attribute(const CUlaunchAttribute *a)
+{
+    switch (a->id) {
+    case CU_LAUNCH_ATTRIBUTE_IGNORE:
+        return 1;
+    case CU_LAUNCH_ATTRIBUTE_COOPERATIVE:
+        return a->value.cooperative == 0;
+    case CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION:
+        return a->value.clusterDim.x == 1 && a->value.clusterDim.y == 1 &&
+               a->value.clusterDim.z == 1;
+    case CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE:
+        return a->value.clusterSchedulingPolicyPreference == CU_CLUSTER_SCHEDULING_POLICY_DEFAULT;
+    default:
+        return 0;
+    }
+}
+
+VGPU_API CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f,
+                                           void **kernelParams, void **extra)
+{
+    CUcontext ctx;
+    CUresult r = vgpu_current_context(&ctx, NULL);
+
+    if (r)
+        return r;
+    if (!config || (config->numAttrs && !config->attrs))
+        return CUDA_ERROR_INVALID_VALUE;
+    for (unsigned int i = 0; i < config->numAttrs; i++)
+        if (!plain_launch_attribute(&config->attrs[i]))
+            return CUDA_ERROR_NOT_SUPPORTED;
+    return cuLaunchKernel(f, config->gridDimX, config->gridDimY, config->gridDimZ,
+                          config->blockDimX, config->blockDimY, config->blockDimZ,
+                          config->sharedMemBytes, config->hStream, kernelParams, extra);
+}
+
+CUresult CUDAAPI cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f,
+                                       void **kernelParams, void **extra)
+    VGPU_ALIAS(cuLaunchKernelEx);

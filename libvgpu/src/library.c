@@ -170,6 +170,21 @@ fail:
     return NULL;
 }
 
+/* The variable in the library's module in the current context (loaded now if need be). */
+VGPU_API CUresult CUDAAPI cuLibraryGetGlobal(CUdeviceptr *dptr, size_t *bytes, CUlibrary library,
+                                             const char *name)
+{
+    CUmodule module;
+    CUresult r = vgpu_require_init();
+
+    if (r)
+        return r;
+    if (!name || (!dptr && !bytes))
+        return CUDA_ERROR_INVALID_VALUE;
+    r = library_module(library, &module);
+    return r ? r : cuModuleGetGlobal_v2(dptr, bytes, module, name);
+}
+
 VGPU_API CUresult CUDAAPI cuLibraryGetKernel(CUkernel *pKernel, CUlibrary library,
                                              const char *name)
 {
@@ -225,6 +240,17 @@ VGPU_API CUresult CUDAAPI cuKernelGetFunction(CUfunction *pFunc, CUkernel kernel
     return r;
 }
 
+/* Whether a handle is a live CUkernel. */
+static int live_kernel(CUkernel kernel)
+{
+    int live;
+
+    vgpu_lock();
+    live = vgpu_objects_find(kernel, VGPU_KIND_KERNEL) != NULL;
+    vgpu_unlock();
+    return live;
+}
+
 CUresult vgpu_kernel_function(CUfunction *f)
 {
     struct vgpu_object *k;
@@ -233,6 +259,31 @@ CUresult vgpu_kernel_function(CUfunction *f)
     k = vgpu_objects_find(*f, VGPU_KIND_KERNEL);
     vgpu_unlock();
     return k ? cuKernelGetFunction(f, (CUkernel)k) : CUDA_SUCCESS;
+}
+
+/* A kernel's attributes are its function's in the current context (cudart 13 asks this way). */
+VGPU_API CUresult CUDAAPI cuKernelGetAttribute(int *pi, CUfunction_attribute attrib,
+                                               CUkernel kernel, CUdevice dev)
+{
+    CUresult r = vgpu_require_init();
+
+    if (!r)
+        r = vgpu_device_check(dev);
+    if (!r && !live_kernel(kernel))
+        r = CUDA_ERROR_INVALID_HANDLE;
+    return r ? r : cuFuncGetAttribute(pi, attrib, (CUfunction)kernel);
+}
+
+VGPU_API CUresult CUDAAPI cuKernelSetAttribute(CUfunction_attribute attrib, int val,
+                                               CUkernel kernel, CUdevice dev)
+{
+    CUresult r = vgpu_require_init();
+
+    if (!r)
+        r = vgpu_device_check(dev);
+    if (!r && !live_kernel(kernel))
+        r = CUDA_ERROR_INVALID_HANDLE;
+    return r ? r : cuFuncSetAttribute((CUfunction)kernel, attrib, val);
 }
 
 VGPU_API CUresult CUDAAPI cuLibraryUnload(CUlibrary library)

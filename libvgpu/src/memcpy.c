@@ -53,6 +53,8 @@ static CUresult htod(CUdeviceptr dst, const void *src, size_t count, int async, 
 
     if (!r && async)
         r = vgpu_stream_id(hStream, &stream);
+    else if (!r)
+        vgpu_host_funcs_wait(0);
     if (r || nothing)
         return r;
     slice = async ? slice_limit(24, VGPU_MAX_cuMemcpyHtoDAsync_v2_srcHost)
@@ -83,6 +85,8 @@ static CUresult dtoh(void *dst, CUdeviceptr src, size_t count, int on_stream, CU
 
     if (!r && on_stream)
         r = vgpu_stream_id(hStream, &stream);
+    else if (!r)
+        vgpu_host_funcs_wait(0);
     if (r || nothing)
         return r;
     /* The reply carries a u32 length before the data. */
@@ -116,6 +120,8 @@ static CUresult dtod(CUdeviceptr dst, CUdeviceptr src, size_t count, int async, 
 
     if (!r && async)
         r = vgpu_stream_id(hStream, &stream);
+    else if (!r)
+        vgpu_host_funcs_wait(0);
     if (r || nothing)
         return r;
     vgpu_lock();

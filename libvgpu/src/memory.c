@@ -55,7 +55,7 @@ VGPU_API CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     if (vgpu_unmarshal_cuMemAlloc_v2_reply(rep, len, &ptr) < 0)
         return CUDA_ERROR_UNKNOWN;
     vgpu_lock();
-    stored = vgpu_allocations_add(ptr, bytesize, ctx, dev) == 0;
+    stored = vgpu_allocations_add(ptr, bytesize, ctx, dev, NULL) == 0;
     vgpu_unlock();
     if (!stored) {
         free_remote(ptr); /* memory we could not account for must not stay allocated */
@@ -78,7 +78,7 @@ VGPU_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr)
         return r;
     vgpu_lock();
     a = vgpu_allocations_find(dptr);
-    r = a && a->base == dptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    r = a && a->base == dptr && !a->module ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
     vgpu_unlock();
     if (r)
         return r;
@@ -87,7 +87,8 @@ VGPU_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr)
     if (r)
         return r;
     vgpu_lock();
-    (void)vgpu_allocations_remove(dptr, &gone); /* a concurrent free of it failed remotely */
+    if (vgpu_allocations_remove(dptr, &gone) == 0) /* else a concurrent free failed remotely */
+        vgpu_mempool_released(&gone);
     vgpu_unlock();
     return CUDA_SUCCESS;
 }
@@ -123,6 +124,7 @@ VGPU_API CUresult CUDAAPI cuMemsetD8_v2(CUdeviceptr dstDevice, unsigned char uc,
 
     if (r || nothing)
         return r;
+    vgpu_host_funcs_wait(0);
     iov.iov_len = (size_t)vgpu_marshal_cuMemsetD8_v2(req, sizeof(req), dstDevice, uc, N);
     return vgpu_call(VGPU_OP_cuMemsetD8_v2, &iov, 1, rep, sizeof(rep), &len);
 }
@@ -140,6 +142,7 @@ VGPU_API CUresult CUDAAPI cuMemsetD32_v2(CUdeviceptr dstDevice, unsigned int ui,
 
     if (r || nothing)
         return r;
+    vgpu_host_funcs_wait(0);
     iov.iov_len = (size_t)vgpu_marshal_cuMemsetD32_v2(req, sizeof(req), dstDevice, ui, N);
     return vgpu_call(VGPU_OP_cuMemsetD32_v2, &iov, 1, rep, sizeof(rep), &len);
 }

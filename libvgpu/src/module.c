@@ -25,6 +25,8 @@ struct CUfunc_st {
     struct CUmod_st *module;
     const struct vgpu_kernel *kernel; /* NULL: layout unknown */
     char *name;
+    int max_dynamic_shared; /* cuFuncSetAttribute's, or -1: the default */
+    int carveout;           /* CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, -1: none */
 };
 
 static void free_module(struct vgpu_object *obj)
@@ -181,6 +183,7 @@ VGPU_API CUresult CUDAAPI cuModuleUnload(CUmodule hmod)
         vgpu_objects_remove(&m->obj);
         for (size_t i = 0; i < m->nfunctions; i++)
             vgpu_objects_remove(&m->functions[i]->obj);
+        vgpu_allocations_remove_module(m);
     }
     vgpu_unlock();
     if (m) {
@@ -209,6 +212,8 @@ static struct CUfunc_st *add_function(struct CUmod_st *m, uint64_t id, const cha
         goto fail;
     f->obj = (struct vgpu_object){VGPU_KIND_FUNCTION, id, m->obj.ctx, free_function};
     f->module = m;
+    f->max_dynamic_shared = -1;
+    f->carveout = -1;
     f->kernel = vgpu_kernels_find(&m->kernels, name);
     if (m->nfunctions == m->cap) {
         size_t cap = m->cap ? m->cap * 2 : 8;
@@ -277,31 +282,238 @@ VGPU_API CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, 
     return r;
 }
 
+/* A __device__/__constant__ variable: its address and size come from gpu-proxy, which allocated
+ * it with the module (and charged it to the zone). The range is then recorded as the module's, so
+ * copies to it are checked like any allocation's and cuMemFree refuses it. */
+VGPU_API CUresult CUDAAPI cuModuleGetGlobal_v2(CUdeviceptr *dptr, size_t *bytes, CUmodule hmod,
+                                               const char *name)
+{
+    uint8_t req[8 + 4 + VGPU_MAX_cuModuleGetGlobal_v2_name], rep[16];
+    size_t len, size;
+    uint64_t module_id = 0;
+    CUdeviceptr ptr;
+    CUcontext ctx = NULL;
+    CUdevice dev = 0;
+    struct CUmod_st *m;
+    struct iovec iov = {req, 0};
+    int n;
+    CUresult r = vgpu_require_init();
+
+    if (r)
+        return r;
+    if (!name || (!dptr && !bytes))
+        return CUDA_ERROR_INVALID_VALUE;
+    vgpu_lock();
+    m = live_module(hmod);
+    if (m) {
+        module_id = m->obj.id;
+        ctx = m->obj.ctx;
+    }
+    vgpu_unlock();
+    if (!m)
+        return CUDA_ERROR_INVALID_HANDLE;
+    r = vgpu_context_or_current(ctx, &dev);
+    if (r)
+        return r;
+    n = vgpu_marshal_cuModuleGetGlobal_v2(req, sizeof(req), module_id, name);
+    if (n < 0)
+        return CUDA_ERROR_NOT_FOUND; /* longer than any name gpu-proxy accepts */
+    iov.iov_len = (size_t)n;
+    r = vgpu_call(VGPU_OP_cuModuleGetGlobal_v2, &iov, 1, rep, sizeof(rep), &len);
+    if (r)
+        return r;
+    if (vgpu_unmarshal_cuModuleGetGlobal_v2_reply(rep, len, &ptr, &size) < 0)
+        return CUDA_ERROR_UNKNOWN;
+    vgpu_lock();
+    if (!live_module(hmod)) {
+        r = CUDA_ERROR_INVALID_HANDLE; /* unloaded meanwhile, and its variables with it */
+    } else {
+        const struct vgpu_allocation *a = vgpu_allocations_find(ptr);
+        if (!(a && a->base == ptr && a->module == m) &&
+            vgpu_allocations_add(ptr, size, ctx, dev, m))
+            r = CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    vgpu_unlock();
+    if (r)
+        return r;
+    if (dptr)
+        *dptr = ptr;
+    if (bytes)
+        *bytes = size;
+    return CUDA_SUCCESS;
+}
+
+/* A device attribute from the snapshot (never fails once a function exists). */
+static int device_attribute(CUdevice_attribute attrib, CUdevice dev)
+{
+    int value = 0;
+    (void)cuDeviceGetAttribute(&value, attrib, dev);
+    return value;
+}
+
+CUresult vgpu_function_attributes(CUfunction f, struct vgpu_function_info *out)
+{
+    struct CUfunc_st *fn;
+    CUdevice dev = 0;
+    int regs_per_block, per_warp;
+    CUresult r = vgpu_context_or_current(NULL, &dev);
+
+    if (r)
+        return r;
+    r = vgpu_kernel_function(&f);
+    if (r)
+        return r;
+    vgpu_lock();
+    fn = (struct CUfunc_st *)vgpu_objects_find(f, VGPU_KIND_FUNCTION);
+    if (fn) {
+        if (fn->kernel)
+            out->attrs = fn->kernel->attrs;
+        else
+            out->attrs = (struct vgpu_func_attrs){0};
+        out->max_dynamic_shared = fn->max_dynamic_shared;
+        out->carveout = fn->carveout;
+    }
+    vgpu_unlock();
+    if (!fn)
+        return CUDA_ERROR_INVALID_HANDLE;
+    out->device = dev;
+    if (!out->attrs.arch)
+        out->attrs.arch = (uint32_t)vgpu_device_arch(dev);
+    /* Threads per block: the launch bounds, the device's limit, and the registers a block of
+     * that many threads needs (allocated per warp in units of 256). */
+    out->max_threads = (uint32_t)device_attribute(CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK, dev);
+    if (out->attrs.max_threads && out->attrs.max_threads < out->max_threads)
+        out->max_threads = out->attrs.max_threads;
+    regs_per_block = device_attribute(CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK, dev);
+    per_warp = (int)((out->attrs.num_regs * 32 + 255) / 256 * 256);
+    if (per_warp && (uint32_t)(regs_per_block / per_warp) * 32 < out->max_threads)
+        out->max_threads = (uint32_t)(regs_per_block / per_warp) * 32;
+    if (out->max_dynamic_shared < 0) {
+        int per_block = device_attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK, dev);
+        out->max_dynamic_shared = per_block > (int)out->attrs.shared_static
+                                      ? per_block - (int)out->attrs.shared_static
+                                      : 0;
+    }
+    return CUDA_SUCCESS;
+}
+
+/* Answered from what libvgpu read from the image (a cubin's registers, shared, constant and
+ * local memory, launch bounds) and the device snapshot: no call to gpu-proxy. */
 VGPU_API CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute attrib,
                                              CUfunction hfunc)
 {
-    uint8_t req[16], rep[8];
-    size_t len;
-    uint64_t id;
-    const struct vgpu_kernel *kernel;
-    struct iovec iov = {req, 0};
+    struct vgpu_function_info f;
     CUresult r = vgpu_require_init();
 
     if (r)
         return r;
     if (!pi)
         return CUDA_ERROR_INVALID_VALUE;
+    r = vgpu_function_attributes(hfunc, &f);
+    if (r)
+        return r;
+    switch (attrib) {
+    case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK:
+        *pi = (int)f.max_threads;
+        break;
+    case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES:
+        *pi = (int)f.attrs.shared_static;
+        break;
+    case CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES:
+        *pi = (int)f.attrs.const_bytes;
+        break;
+    case CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES:
+        *pi = (int)f.attrs.local_bytes;
+        break;
+    case CU_FUNC_ATTRIBUTE_NUM_REGS:
+        *pi = (int)f.attrs.num_regs;
+        break;
+    case CU_FUNC_ATTRIBUTE_PTX_VERSION:
+    case CU_FUNC_ATTRIBUTE_BINARY_VERSION:
+        *pi = (int)f.attrs.arch;
+        break;
+    case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES:
+        *pi = f.max_dynamic_shared;
+        break;
+    case CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT:
+        *pi = f.carveout;
+        break;
+    case CU_FUNC_ATTRIBUTE_CACHE_MODE_CA:
+    case CU_FUNC_ATTRIBUTE_CLUSTER_SIZE_MUST_BE_SET:
+    case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH:
+    case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT:
+    case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH:
+    case CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED:
+    case CU_FUNC_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE:
+        *pi = 0; /* no cluster requirements: libvgpu launches no clusters */
+        break;
+    default:
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
+/* The dynamic shared memory limit goes to gpu-proxy (it checks launches against it); the
+ * carveout is a preference kept here. Cluster attributes are refused: libvgpu launches no
+ * clusters. */
+VGPU_API CUresult CUDAAPI cuFuncSetAttribute(CUfunction hfunc, CUfunction_attribute attrib,
+                                             int value)
+{
+    uint8_t req[24], rep[8];
+    size_t len;
+    uint64_t id;
+    const struct vgpu_kernel *kernel;
+    struct vgpu_function_info f;
+    struct CUfunc_st *fn;
+    struct iovec iov = {req, 0};
+    CUresult r = vgpu_require_init();
+
+    if (r)
+        return r;
+    r = vgpu_kernel_function(&hfunc);
+    if (!r)
+        r = vgpu_function_attributes(hfunc, &f);
+    if (r)
+        return r;
+    switch (attrib) {
+    case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: {
+        int optin = device_attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                                     f.device);
+        if (value < 0 || value > optin - (int)f.attrs.shared_static)
+            return CUDA_ERROR_INVALID_VALUE;
+        vgpu_lock();
+        r = vgpu_function_find(hfunc, &id, &kernel);
+        vgpu_unlock();
+        if (r)
+            return r;
+        iov.iov_len =
+            (size_t)vgpu_marshal_cuFuncSetAttribute(req, sizeof(req), id, (int)attrib, value);
+        r = vgpu_call(VGPU_OP_cuFuncSetAttribute, &iov, 1, rep, sizeof(rep), &len);
+        break;
+    }
+    case CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT:
+        if (value < -1 || value > 100)
+            return CUDA_ERROR_INVALID_VALUE;
+        break;
+    case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH:
+    case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT:
+    case CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH:
+    case CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED:
+    case CU_FUNC_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE:
+        return CUDA_ERROR_NOT_SUPPORTED;
+    default:
+        return CUDA_ERROR_INVALID_VALUE; /* read-only */
+    }
+    if (r)
+        return r;
     vgpu_lock();
-    r = vgpu_function_find(hfunc, &id, &kernel);
+    fn = (struct CUfunc_st *)vgpu_objects_find(hfunc, VGPU_KIND_FUNCTION);
+    if (fn && attrib == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        fn->max_dynamic_shared = value;
+    else if (fn)
+        fn->carveout = value;
     vgpu_unlock();
-    if (r)
-        return r;
-    iov.iov_len = (size_t)vgpu_marshal_cuFuncGetAttribute(req, sizeof(req), attrib, id);
-    r = vgpu_call(VGPU_OP_cuFuncGetAttribute, &iov, 1, rep, sizeof(rep), &len);
-    if (r)
-        return r;
-    return vgpu_unmarshal_cuFuncGetAttribute_reply(rep, len, pi) < 0 ? CUDA_ERROR_UNKNOWN
-                                                                     : CUDA_SUCCESS;
+    return fn ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
 /* Answered from the layout libvgpu read from the image (CUDA 12.4+). */

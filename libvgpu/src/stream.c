@@ -27,6 +27,15 @@ static int is_default(CUstream stream)
 
 CUresult vgpu_stream_id(CUstream stream, uint64_t *id)
 {
+    CUresult r = vgpu_stream_handle_id(stream, id);
+
+    if (!r)
+        vgpu_host_funcs_wait(*id);
+    return r;
+}
+
+CUresult vgpu_stream_handle_id(CUstream stream, uint64_t *id)
+{
     struct vgpu_object *obj;
 
     if (is_default(stream)) {
@@ -234,10 +243,12 @@ VGPU_API CUresult CUDAAPI cuStreamQuery(CUstream hStream)
     size_t len;
     uint64_t id;
     struct iovec iov = {req, 0};
-    CUresult r = vgpu_stream_id(hStream, &id);
+    CUresult r = vgpu_stream_handle_id(hStream, &id);
 
     if (r)
         return r;
+    if (vgpu_host_funcs_pending(id))
+        return CUDA_ERROR_NOT_READY; /* a host function on it has not returned */
     iov.iov_len = (size_t)vgpu_marshal_cuStreamQuery(req, sizeof(req), id);
     return vgpu_call(VGPU_OP_cuStreamQuery, &iov, 1, rep, sizeof(rep), &len);
 }

@@ -123,16 +123,29 @@ struct vgpu_allocation {
     CUcontext ctx;
     CUdevice device;
     unsigned long long buffer_id; /* CU_POINTER_ATTRIBUTE_BUFFER_ID: unique per allocation */
+    const void *module; /* a module's variable (cuModuleGetGlobal): not freeable; else NULL */
+    const void *pool;   /* the memory pool of a cuMemAllocAsync allocation, else NULL */
 };
 
-int vgpu_allocations_add(CUdeviceptr base, size_t size, CUcontext ctx, CUdevice device);
+/* module: the CUmodule whose variable this is, or NULL for memory the process allocated. */
+int vgpu_allocations_add(CUdeviceptr base, size_t size, CUcontext ctx, CUdevice device,
+                         const void *module);
+/* Note that the allocation at base came from a pool (mempool.c). */
+void vgpu_allocations_set_pool(CUdeviceptr base, const void *pool);
+/* A removed allocation no longer counts as its pool's (vgpu_lock held); forget every pool's
+ * usage (fork child, vgpu_lock held). */
+void vgpu_mempool_released(const struct vgpu_allocation *gone);
+void vgpu_mempools_reset(void);
+/* Forget every variable of a module (unloaded). */
+void vgpu_allocations_remove_module(const void *module);
 /* Remove the allocation starting at base into *out; -1 if no allocation starts there. */
 int vgpu_allocations_remove(CUdeviceptr base, struct vgpu_allocation *out);
 /* The allocation holding ptr, or NULL. */
 const struct vgpu_allocation *vgpu_allocations_find(CUdeviceptr ptr);
 /* Whether [ptr, ptr + len) lies inside one allocation. */
 int vgpu_allocations_contain(CUdeviceptr ptr, size_t len);
-/* Remove every allocation of ctx; returns their bases (malloc'd; *n may be 0). */
+/* Remove every allocation of ctx; returns the bases of those the process allocated, which must
+ * be freed (malloc'd; *n may be 0). Modules' variables go with their modules. */
 CUdeviceptr *vgpu_allocations_detach_ctx(CUcontext ctx, size_t *n);
 void vgpu_allocations_reset(void);
 
@@ -186,8 +199,21 @@ int vgpu_device_arch(CUdevice dev);
 
 /* ---- stream.c / event.c: handle → gpu-proxy id (0 is the legacy default stream) ----------- */
 
+/* The stream's id for a submission: waits first while a host function before it on that
+ * stream has not returned (hostfunc.c). */
 CUresult vgpu_stream_id(CUstream stream, uint64_t *id);
+/* The stream's id, without waiting. */
+CUresult vgpu_stream_handle_id(CUstream stream, uint64_t *id);
 CUresult vgpu_event_id(CUevent event, uint64_t *id);
+
+/* ---- hostfunc.c: host functions in stream order ------------------------------------------- */
+
+/* Block the calling application thread while a host function that work on `stream` (0: the
+ * legacy default stream, which waits for all) must follow has not returned. */
+void vgpu_host_funcs_wait(uint64_t stream);
+/* Whether such a host function is pending (cuStreamQuery answers NOT_READY). */
+int vgpu_host_funcs_pending(uint64_t stream);
+void vgpu_host_funcs_atfork(enum vgpu_fork_phase phase);
 
 /* ---- module_image.c, cubin.c, ptx.c, lz4.c: what cuModuleLoadData is given ----------------- */
 
@@ -196,11 +222,24 @@ struct vgpu_param {
     uint32_t size;
 };
 
+/* What cuFuncGetAttribute reports, read from a cubin (known); a PTX kernel's are only known
+ * after the driver compiles it, so they are zero (max_threads: the device's limit). */
+struct vgpu_func_attrs {
+    int known;
+    uint32_t num_regs;      /* per thread (the module's .nv.info EIATTR_REGCOUNT) */
+    uint32_t shared_static; /* bytes (.nv.shared.<kernel>) */
+    uint32_t const_bytes;   /* user constants (.nv.constant3) */
+    uint32_t local_bytes;   /* per thread (EIATTR_FRAME_SIZE) */
+    uint32_t max_threads;   /* launch bounds (EIATTR_MAX_THREADS), 0: none */
+    uint32_t arch;          /* SM of the code, e.g. 90 */
+};
+
 struct vgpu_kernel {
     char *name;
     uint32_t param_bytes; /* size of the parameter buffer cuLaunchKernel fills */
     uint32_t nparams;
     struct vgpu_param *params;
+    struct vgpu_func_attrs attrs;
 };
 
 struct vgpu_kernels {
@@ -235,6 +274,16 @@ int vgpu_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t siz
 /* The function behind a handle (vgpu_lock held): gpu-proxy's id and the kernel's parameter
  * layout, NULL when it is unknown (said once per module on stderr). */
 CUresult vgpu_function_find(CUfunction f, uint64_t *id, const struct vgpu_kernel **kernel);
+
+/* A function's attributes as cuFuncGetAttribute reports them (module.c); f may be a CUkernel. */
+struct vgpu_function_info {
+    struct vgpu_func_attrs attrs;
+    CUdevice device;
+    uint32_t max_threads;   /* per block: launch bounds, device limit, registers */
+    int max_dynamic_shared; /* bytes a launch may ask for */
+    int carveout;
+};
+CUresult vgpu_function_attributes(CUfunction f, struct vgpu_function_info *out);
 
 /* ---- library.c ----------------------------------------------------------------------------- */
 

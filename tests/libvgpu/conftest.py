@@ -32,6 +32,7 @@ SANITIZED_RUNS = {
     "threads": [],
     "launch": ["{modules}"],
     "procaddress": [],
+    "stream_order": ["{cubin}"],
 }
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
 
@@ -46,11 +47,13 @@ ZONES = {
     "ipc": 64 * MiB,
     "fork": 64 * MiB,
     "threads": 64 * MiB,
+    "stream_order": 64 * MiB,
     **{f"sanitized-{name}": 512 * MiB for name in SANITIZED_RUNS},
 }
 
 KERNELS = r"""
 struct pair { int a; double b; char c; };
+__device__ int counter = 5;  // a module variable (cuModuleGetGlobal)
 struct big { int v[1200]; };
 
 // Writes through p: on a GPU it would change device memory, under the sim it must not.

@@ -72,6 +72,13 @@ def test_async_error_surfaces_at_the_next_synchronising_call(
     passed(run(programs["errors"], "sticky", cubin, socket=zone_socket(proxy, "sticky")))
 
 
+def test_host_functions_pools_and_module_variables(
+    programs: Programs, proxy: GpuProxyDaemon, modules: dict[str, Path]
+) -> None:
+    cubin = str(modules["kernels.cubin"])
+    passed(run(programs["stream_order"], cubin, socket=zone_socket(proxy, "stream_order")))
+
+
 def test_inter_process_sharing_is_refused_by_gpu_proxy(
     programs: Programs, proxy: GpuProxyDaemon
 ) -> None:

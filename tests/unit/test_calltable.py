@@ -33,7 +33,7 @@ EXPECTED_CALLS = {
 }  # fmt: skip
 EXPECTED_ASYNC = {
     "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoDAsync_v2", "cuMemsetD8Async", "cuMemsetD32Async",
-    "cuLaunchKernel", "cuStreamWaitEvent", "cuEventRecord",
+    "cuLaunchKernel", "cuStreamWaitEvent", "cuEventRecord", "cuMemFreeAsync", "vgpuHostFuncMark",
 }  # fmt: skip
 
 

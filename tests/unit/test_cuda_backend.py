@@ -171,7 +171,7 @@ def test_every_driver_call_accepts_its_arguments(monkeypatch: pytest.MonkeyPatch
     st = cuda.CudaStream(driver.CUstream())
     ev = cuda.CudaEvent(driver.CUevent())
     info = KernelInfo("k", (ParamInfo(0, 0, 4),), 4)
-    mod = cuda.CudaModule(driver.CUmodule(), {"k": info})
+    mod = cuda.CudaModule(driver.CUmodule(), {"k": info}, {})
     fn = cuda.CudaFunction(driver.CUfunction(), info)
     calls: list[tuple[str, tuple[Any, ...]]] = [
         ("create_context", ()),
@@ -179,6 +179,7 @@ def test_every_driver_call_accepts_its_arguments(monkeypatch: pytest.MonkeyPatch
         ("synchronize", (ctx,)),
         ("mem_alloc", (ctx, 16)),
         ("mem_free", (ctx, 5)),
+        ("mem_free_async", (ctx, 5, st, lambda: None)),
         ("mem_info", ()),
         ("memcpy_htod", (ctx, 5, b"ab", None)),
         ("memcpy_htod", (ctx, 5, memoryview(b"ab"), st)),
@@ -191,6 +192,7 @@ def test_every_driver_call_accepts_its_arguments(monkeypatch: pytest.MonkeyPatch
         ("memset", (ctx, 5, 0xFFFFFFFF, 4, 2, st)),
         ("module_unload", (ctx, mod)),
         ("module_function", (ctx, mod, "k")),
+        ("function_set_max_dynamic_shared", (ctx, fn, 100 << 10)),
         ("launch", (ctx, fn, (1, 1, 1), (1, 1, 1), 0, None, b"abcd")),
         ("launch", (ctx, fn, (1, 1, 1), (1, 1, 1), 0, st, b"abcd")),
         ("stream_create", (ctx, 1)),

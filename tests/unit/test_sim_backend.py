@@ -414,6 +414,25 @@ def test_launch_rejects_bad_configurations(
     assert len(ctx.launches) == 1  # only the valid one at the limits
 
 
+def test_opt_in_dynamic_shared_memory_raises_the_launch_limit_for_the_kernel(
+    images: dict[str, bytes], sim: SimBackend, ctx: SimContext
+) -> None:
+    module = sim.module_load(ctx, images["cubin90"])
+    fn = sim.module_function(ctx, module, "add")
+    big = 100 << 10
+    with pytest.raises(InvalidValue, match="limit 49152"):
+        sim.launch(ctx, fn, (1, 1, 1), (1, 1, 1), big, None, bytes(28))
+    with pytest.raises(InvalidValue, match="opt-in limit"):
+        sim.function_set_max_dynamic_shared(ctx, fn, sim.model.shared_per_block_optin + 1)
+    sim.function_set_max_dynamic_shared(ctx, fn, big)
+    # Another handle of the same kernel shares the limit, as in CUDA.
+    again = sim.module_function(ctx, module, "add")
+    sim.launch(ctx, again, (1, 1, 1), (1, 1, 1), big, None, bytes(28))
+    with pytest.raises(InvalidValue):
+        sim.launch(ctx, again, (1, 1, 1), (1, 1, 1), big + 1, None, bytes(28))
+    assert [r.shared_mem for r in ctx.launches] == [big]
+
+
 def test_launch_is_recorded_not_computed(
     images: dict[str, bytes], sim: SimBackend, ctx: SimContext, gates: list[threading.Event]
 ) -> None:

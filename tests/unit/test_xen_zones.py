@@ -36,8 +36,10 @@ def xen(monkeypatch: pytest.MonkeyPatch) -> FakeXen:
     return xen
 
 
-def offer_as(monkeypatch: pytest.MonkeyPatch, xen: FakeXen, xs: Xenstore, domid: int) -> GrantLink:
-    """Offer channel ``cuda0`` as ``domid``. The zone grants and allocates ports, the host maps
+def offer_as(
+    monkeypatch: pytest.MonkeyPatch, xen: FakeXen, xs: Xenstore, domid: int, name: str = "cuda0"
+) -> GrantLink:
+    """Offer channel ``name`` as ``domid``. The zone grants and allocates ports, the host maps
     and binds: each side uses only its own half, so the watcher's thread never acts as the
     zone while this one offers."""
     pages, _mapped, zone_evtchn = xen.devices(domid)
@@ -48,7 +50,7 @@ def offer_as(monkeypatch: pytest.MonkeyPatch, xen: FakeXen, xs: Xenstore, domid:
     )
     monkeypatch.setattr(grant, "GrantedPages", pages)
     monkeypatch.setattr(grant, "EventChannel", evtchn)
-    return GrantLink.offer("cuda0", LAYOUT, xs)
+    return GrantLink.offer(name, LAYOUT, xs)
 
 
 @pytest.fixture
@@ -77,9 +79,9 @@ def zones(registry: ZoneRegistry) -> dict[str, Zone]:
     return {zone.id: zone for zone in registry.zones()}
 
 
-def connect(xs: Xenstore, link: GrantLink, domid: int) -> Channel:
+def connect(xs: Xenstore, link: GrantLink, domid: int, name: str = "cuda0") -> Channel:
     """The zone's side once the host has answered: open the channel and say hello."""
-    eventually(lambda: xs.read(f"{host_path(0, domid, 'cuda0')}/state") == "connected", "attach")
+    eventually(lambda: xs.read(f"{host_path(0, domid, name)}/state") == "connected", "attach")
     channel = link.open_channel()
     channel.hello_client(MAX_PAYLOAD)
     return channel
@@ -197,3 +199,61 @@ def test_a_vanished_domain_is_torn_down(
     assert host_xs.read(f"/local/domain/0/backend/vgpu/{XS_ZONE}") is None
     channel.close()
     link.close()
+
+
+def test_channels_of_one_zone_come_and_go_independently(
+    monkeypatch: pytest.MonkeyPatch,
+    xen: FakeXen,
+    host_xs: Xenstore,
+    zone_xs: Xenstore,
+    registry: ZoneRegistry,
+    watcher: XenZoneWatcher,
+) -> None:
+    """What a zone agent's broker does: one channel per process, withdrawn when it exits."""
+    links = {
+        name: offer_as(monkeypatch, xen, zone_xs, XS_ZONE, name) for name in ("gpu-0", "gpu-1")
+    }
+    channels = {name: connect(zone_xs, link, XS_ZONE, name) for name, link in links.items()}
+    assert [alloc(channel, MiB) for channel in channels.values()] == [0, 0]
+    assert xen.mappings == 2
+
+    # gpu-0's offer is withdrawn without a word on its ring: the host closes that channel only.
+    with structlog.testing.capture_logs() as logs:
+        zone_xs.remove(zone_path(XS_ZONE, "gpu-0"))
+        eventually(lambda: xen.mappings == 1, "the host to close the withdrawn channel")
+    assert host_xs.read(f"{host_path(0, XS_ZONE, 'gpu-0')}/state") is None
+    assert host_xs.read(f"{host_path(0, XS_ZONE, 'gpu-1')}/state") == "connected"
+    withdrawn = [e["channel"] for e in logs if e["event"] == "xen channel withdrawn by the zone"]
+    assert withdrawn == ["gpu-0"]
+    assert alloc(channels["gpu-1"], MiB) == 0
+
+    # A new process, a new name: attached in the same zone beside gpu-1.
+    links["gpu-2"] = offer_as(monkeypatch, xen, zone_xs, XS_ZONE, "gpu-2")
+    channels["gpu-2"] = connect(zone_xs, links["gpu-2"], XS_ZONE, "gpu-2")
+    assert alloc(channels["gpu-2"], MiB) == 0
+    assert xen.mappings == 2
+    assert zones(registry)["dom5"].memory() == (4 * MiB, DEFAULT_LIMIT)
+    for name, channel in channels.items():
+        channel.close()
+        links[name].close()
+    eventually(lambda: xen.mappings == 0, "the host to unmap every channel")
+
+
+def test_an_offer_replaced_while_served_is_closed_then_the_new_one_attached(
+    monkeypatch: pytest.MonkeyPatch,
+    xen: FakeXen,
+    zone_xs: Xenstore,
+    registry: ZoneRegistry,
+    watcher: XenZoneWatcher,
+) -> None:
+    old = offer_as(monkeypatch, xen, zone_xs, XS_ZONE)
+    assert alloc(connect(zone_xs, old, XS_ZONE), MiB) == 0
+    # The zone re-offers the name with other pages before the host noticed anything.
+    new = offer_as(monkeypatch, xen, zone_xs, XS_ZONE)
+    channel = connect(zone_xs, new, XS_ZONE)  # the hello waits for the host to serve the new one
+    assert xen.mappings == 1
+    assert alloc(channel, 2 * MiB) == 0
+    assert zones(registry)["dom5"].memory() == (3 * MiB, DEFAULT_LIMIT)
+    channel.close()
+    new.close()
+    old.close()

@@ -247,6 +247,7 @@ class FakeXen:
                 for i, ref in enumerate(self.grefs):
                     xen.grants[(domid, ref)] = _Grant(remote, self.memfd, i * PAGE)
                 self.memory = mmap.mmap(self.memfd, count * PAGE)
+                self.fd, self.offset = self.memfd, 0  # what the zone agent hands on
 
             @classmethod
             def allocate(cls, remote: int, count: int) -> "GrantedPages":

@@ -104,9 +104,13 @@ static void sticky(const char *cubin)
     CHECK(cuModuleLoad(&m, cubin));
     CHECK(cuModuleGetFunction(&noargs, m, "noargs"));
     CHECK(cuMemAlloc(&p, 16));
-    /* gpu-proxy refuses these launches (more dynamic shared memory than a block may have, more
-     * threads than a block may have), but cuLaunchKernel is fire-and-forget: it succeeds... */
-    CHECK(cuLaunchKernel(noargs, 1, 1, 1, 1, 1, 1, 1 << 20, NULL, NULL, NULL));
+    /* More dynamic shared memory than the kernel may have is refused at once, as CUDA does
+     * (libvgpu knows the kernel's limit)... */
+    EXPECT(cuLaunchKernel(noargs, 1, 1, 1, 1, 1, 1, 1 << 20, NULL, NULL, NULL),
+           CUDA_ERROR_INVALID_VALUE);
+    /* ...gpu-proxy refuses these (a grid taller than the device allows, more threads than a
+     * block may have), but cuLaunchKernel is fire-and-forget: it succeeds... */
+    CHECK(cuLaunchKernel(noargs, 1, 65536, 1, 1, 1, 1, 0, NULL, NULL, NULL));
     CHECK(cuLaunchKernel(noargs, 1, 1, 1, 2048, 1, 1, 0, NULL, NULL, NULL));
     /* ...and the first error surfaces at the next synchronising call, which does not run. */
     EXPECT(cuCtxSynchronize(), CUDA_ERROR_INVALID_VALUE);
