@@ -7,13 +7,56 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from vgpu_common.settings import TomlSettings, load_settings
 
 DEFAULT_CONFIG = Path("/etc/vgpu-isolated/vgpu-runtime.toml")
 GPU_HANDLER = "vgpu-isolated"
+
+
+class XenSettings(BaseModel):
+    """The Xen zone backend ([xen] in the TOML file): what every zone domain boots."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel: Path = Field(
+        Path("/usr/lib/vgpu-isolated/zone/vmlinux"),
+        description="zone kernel (an uncompressed ELF vmlinux boots fastest)",
+    )
+    ramdisk: Path | None = Field(
+        Path("/usr/lib/vgpu-isolated/zone/initrd.cpio.gz"),
+        description="zone initramfs: mounts the root disk and execs the agent",
+    )
+    root_disk: Path = Field(
+        Path("/dev/vgpu/zone-root"),
+        description="block device with the zone userland, shared read-only by all zones (xvda)",
+    )
+    system_disk: Path | None = Field(
+        None, description="block device or ext4 image with the project payload (xvdb), read-only"
+    )
+    type: Literal["pv", "pvh"] = Field("pv", description="domain type")
+    extra: str = Field("console=hvc0 quiet", description="extra kernel command line")
+    on_crash: Literal["destroy", "preserve", "coredump-destroy"] = Field(
+        "destroy", description="what Xen does with a crashed zone (preserve: keep it to debug)"
+    )
+    min_memory_mib: int = Field(
+        256, ge=64, description="floor for a zone's memory (kernel, agent and tmpfs live in it)"
+    )
+    libvgpu: Path | None = Field(
+        None, description="libvgpu.so as the zone sees it, mounted into GPU containers"
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="after asking a zone to power off, wait this long, then destroy"
+    )
+    reconnect_timeout_s: float = Field(
+        30.0, gt=0, description="wait for a running zone's agent to offer its control channel"
+    )
+    console_log_dir: Path = Field(
+        Path("/var/log/xen/console"),
+        description="xenconsoled's guest logs (quoted in boot errors when present)",
+    )
 
 
 class RuntimeConfig(TomlSettings):
@@ -58,6 +101,7 @@ class RuntimeConfig(TomlSettings):
         "auto", description="OCI runtime the zone agent uses; auto prefers crun"
     )
     zone_boot_timeout_s: float = Field(60.0, gt=0, description="default wait for a zone's agent")
+    xen: XenSettings = Field(XenSettings(), description="the Xen zone backend's settings")
     standby_agents: int = Field(
         1, ge=0, description="process backend: zone agents kept started ahead of boots"
     )

@@ -150,7 +150,7 @@ class PodManager:
             )
             self.state.sandboxes.put(record)
         bound.info(
-            "sandbox ready", zone_pid=zone.pid, domid=zone.domid, gpu=bool(record.gpu_socket)
+            "sandbox ready", zone_pid=zone.pid, domid=zone.domid, gpu=record.zone.gpu is not None
         )
         return record
 
@@ -185,6 +185,15 @@ class PodManager:
         self, record: SandboxRecord, config: api_pb2.PodSandboxConfig, handler: str
     ) -> SandboxRecord:
         if handler not in self.config.gpu_handlers:
+            return record
+        if self.backend.gpu_proxy_finds_zones:
+            # gpu-proxy discovers the zone (Xen: its channel offers) and reads the quota the
+            # backend writes for it; 0 leaves gpu-proxy's default
+            raw = config.annotations.get(self.config.gpu_memory_annotation, "")
+            gpu = GpuAccess(memory_limit=parse_quantity(raw) if raw else 0)
+            zone = record.zone.model_copy(update={"gpu": gpu})
+            record = record.model_copy(update={"zone": zone, "gpu_memory_limit": gpu.memory_limit})
+            self.state.sandboxes.put(record)
             return record
         if self.gpu is None:
             log.warning("GPU pod without gpu-proxy (gpu_proxy_control is empty)", sandbox=record.id)
@@ -424,15 +433,20 @@ class PodManager:
         if sandbox.log_directory and config.log_path:
             log_path = Path(sandbox.log_directory) / config.log_path
             log_path.parent.mkdir(parents=True, exist_ok=True)
+        layers, image_disk = self.backend.container_rootfs(
+            sandbox.id, image.id, self.images.layer_dirs(image)
+        )
         spec = container_spec(
             container_id,
             config,
             image.config,
-            self.images.layer_dirs(image),
+            list(layers),
             hostname=sandbox.zone.hostname,
             log_path=log_path,
-            gpu=bool(sandbox.gpu_socket),
+            gpu=sandbox.zone.gpu is not None,
         )
+        if image_disk is not None:
+            spec = spec.model_copy(update={"image_disk": image_disk})
         record = ContainerRecord(
             id=container_id,
             created_at_ns=time.time_ns(),

@@ -33,9 +33,13 @@ def make_backend(config: RuntimeConfig) -> ZoneBackend:
             libvgpu=config.libvgpu,
             standby=config.standby_agents,
         )
-    raise ValueError(
-        "zone_backend 'xen' is not available in this build yet (Xen zones end to end is its "
-        "own work item); use zone_backend = 'process'"
+    from cri_runtime.zones.xen import XenZoneBackend
+
+    return XenZoneBackend(
+        config.zones_dir,
+        config.xen,
+        oci_runtime=config.oci_runtime,
+        agent_log_level=config.log_level,
     )
 
 

@@ -19,7 +19,7 @@ from cri_runtime.agent.config import AgentConfig, parse_args
 from cri_runtime.agent.containers import ContainerManager
 from cri_runtime.agent.oci_runtime import OciRuntime, RuntimeChoice, choose_runtime, probe_crun
 from cri_runtime.agent.reaper import Reaper
-from cri_runtime.agent.service import AgentService
+from cri_runtime.agent.service import AgentService, ControlConnector, LocalControlConnector
 from cri_runtime.agent.standby import Standby, parse_standby, read_zone_flags
 from cri_runtime.agent.zone_init import (
     bring_up_loopback,
@@ -29,6 +29,7 @@ from cri_runtime.agent.zone_init import (
 
 log = structlog.get_logger("cri_runtime.agent")
 
+XEN_FLAG = "--xen"  # the agent is a domU's init; everything else comes from xenstore
 # Grace for the containers when the agent itself is told to stop (SIGTERM) without a SHUTDOWN.
 STOP_GRACE_S = 10.0
 
@@ -104,10 +105,21 @@ def prepare(oci_runtime: str, scratch: Path) -> tuple[Reaper, CgroupLayout, Runt
     return reaper, layout, choice
 
 
-def serve(config: AgentConfig, reaper: Reaper, layout: CgroupLayout, choice: RuntimeChoice) -> int:
+def serve(
+    config: AgentConfig,
+    reaper: Reaper,
+    layout: CgroupLayout,
+    choice: RuntimeChoice,
+    connector: ControlConnector | None = None,
+) -> int:
+    """Serve the runtime until it shuts the zone down; ``connector`` defaults to the config's
+    control socket (process backend)."""
+    if connector is None:
+        assert config.control_socket is not None, "a local agent needs --control-socket"
+        connector = LocalControlConnector(config.control_socket)
     runtime = OciRuntime(choice, config.zone_dir / "oci", config.zone_dir / "tmp", reaper)
     manager = ContainerManager(config, runtime, reaper, layout)
-    service = AgentService(config, manager, choice.name)
+    service = AgentService(config, manager, choice.name, connector)
     # As pid 1 of its namespace the agent gets only the signals it handles.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
@@ -120,6 +132,8 @@ def serve(config: AgentConfig, reaper: Reaper, layout: CgroupLayout, choice: Run
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if list(argv) == [XEN_FLAG]:
+        return run_in_domu()
     standby = parse_standby(argv)
     if standby is not None:
         return stand_by(standby)
@@ -148,6 +162,73 @@ def stand_by(standby: Standby) -> int:
     log.info("standby agent given its zone", zone_dir=str(config.zone_dir))
     enter_zone(config)
     return serve(config, *prepared)
+
+
+def run_in_domu() -> int:
+    """Xen mode: the agent is the domU's init (exec'd by the zone image's stage-2 script). Its
+    settings come from xenstore (agent/xen.py); the control channel is a GrantLink to Dom0; GPU
+    containers reach gpu-proxy through the zone's channel broker. When it ends, the domain
+    powers off: pid 1 must not exit."""
+    from cri_runtime.agent import xen
+
+    configure_logging("info")
+    status = 1
+    try:
+        status = _serve_domu(xen)
+    except Exception as exc:
+        log.exception("zone agent failed")
+        xen.console(f"VGPU-ZONE-FAIL agent: {type(exc).__name__}: {exc}")
+    if os.getpid() == 1:
+        xen.power_off()
+    return status
+
+
+def _serve_domu(xen: Any) -> int:
+    from idm.xen.xenstore import Xenstore
+
+    xs = Xenstore.connect()
+    zone = xen.read_identity(xs)
+    settings = zone.settings
+    configure_logging(settings.log_level)
+    ZONE_TAG.zone_id = zone.zone_id
+    config = AgentConfig(
+        zone_id=zone.zone_id,
+        control_socket=None,
+        zone_dir=xen.ZONE_DIR,
+        hostname=settings.hostname,
+        loopback=True,  # the domU's own network stack: lo is all it has until CNI
+        oci_runtime=settings.oci_runtime,
+        gpu_proxy_socket=xen.PROXY_SOCKET if settings.gpu else None,
+        libvgpu=settings.libvgpu,
+        log_level=settings.log_level,
+        gpu_link="grant",
+    )
+    log.info("zone agent starting (Xen)", domid=zone.domid, pid=os.getpid())
+    enter_zone(config)
+    prepared = prepare(config.oci_runtime, config.zone_dir / "tmp")
+    if prepared is None:
+        xen.console("VGPU-ZONE-FAIL agent: no usable OCI runtime")
+        return 1
+    broker = None
+    if settings.gpu:
+        from cri_runtime.agent.gpu_broker import GrantChannelBroker
+
+        xen.PROXY_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+        broker = GrantChannelBroker(xen.PROXY_SOCKET, xs)
+        broker.start()
+    xen.console(f"VGPU-ZONE-STAGE agent-serving {_uptime()}")
+    try:
+        return serve(config, *prepared, connector=xen.GrantControlConnector(xs, zone.domid))
+    finally:
+        if broker is not None:
+            broker.close()
+
+
+def _uptime() -> str:
+    try:
+        return Path("/proc/uptime").read_text().split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 DESCRIPTION = """\
 The vgpu zone agent: the init of one zone (a Xen domU, or fresh namespaces under the process
@@ -19,7 +20,7 @@ reconnects to the same socket until it is back."""
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     zone_id: str
-    control_socket: Path
+    control_socket: Path | None  # the runtime's socket; None in Xen mode (a GrantLink)
     zone_dir: Path  # containers' bundles, overlay upper dirs and the OCI state live here
     hostname: str = ""  # set as the zone's hostname when given
     new_netns: bool = False  # enter a network namespace of its own (a pod network)
@@ -28,6 +29,9 @@ class AgentConfig:
     cgroup_parent: str = ""  # containers' cgroups go under it; default /vgpu-zones/<zone_id>
     gpu_proxy_socket: Path | None = None
     libvgpu: Path | None = None
+    # How gpu containers' libvgpu reaches gpu-proxy: "local" offers gpu-proxy a LocalLink on
+    # gpu_proxy_socket; "grant" (Xen zones) gets a GrantLink from the zone's channel broker there.
+    gpu_link: Literal["local", "grant"] = "local"
     log_level: str = "info"
 
     @property
@@ -64,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
     parser.add_argument(
         "--libvgpu", type=Path, help="libvgpu.so, bind-mounted read-only as libcuda.so.1"
     )
+    parser.add_argument(
+        "--gpu-link",
+        choices=("local", "grant"),
+        default="local",
+        help="grant: gpu containers get VGPU_LINK=grant (the socket is a Xen zone's broker)",
+    )
     parser.add_argument("--log-level", default="info")
     ns = parser.parse_args(argv)
     return AgentConfig(
@@ -77,5 +87,6 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         cgroup_parent=ns.cgroup_parent,
         gpu_proxy_socket=ns.gpu_proxy_socket,
         libvgpu=ns.libvgpu,
+        gpu_link=ns.gpu_link,
         log_level=ns.log_level,
     )

@@ -132,7 +132,7 @@ class ContainerManager:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._bounding_caps = _bounding_capabilities()
         self._gpu = (
-            oci.GpuMounts(config.gpu_proxy_socket, config.libvgpu)
+            oci.GpuMounts(config.gpu_proxy_socket, config.libvgpu, config.gpu_link)
             if config.gpu_proxy_socket is not None
             else None
         )
@@ -347,7 +347,7 @@ class ContainerManager:
         gpu = self._gpu
         if spec.gpu and gpu is not None and (gpu.libvgpu is None or not gpu.libvgpu.is_file()):
             self._log_libvgpu_absent()
-            gpu = oci.GpuMounts(gpu.proxy_socket, None)
+            gpu = oci.GpuMounts(gpu.proxy_socket, None, gpu.link)
         try:
             user = oci.resolve_user(spec.user, passwd, group)
             return oci.runtime_spec(

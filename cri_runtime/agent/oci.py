@@ -11,7 +11,7 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cri_runtime.agent.protocol import ContainerSpec, Mount, Resources, User
 
@@ -132,10 +132,13 @@ class ResolvedUser:
 
 @dataclass(frozen=True, slots=True)
 class GpuMounts:
-    """What a gpu=True container gets: the zone's gpu-proxy socket, and libvgpu if installed."""
+    """What a gpu=True container gets: the zone's gpu-proxy socket, and libvgpu if installed.
+    ``link`` is what listens on the socket, for libvgpu (VGPU_LINK): gpu-proxy itself ("local")
+    or a Xen zone's channel broker ("grant")."""
 
     proxy_socket: Path
     libvgpu: Path | None
+    link: Literal["local", "grant"] = "local"
 
 
 def parse_passwd(text: str) -> list[PasswdEntry]:
@@ -302,8 +305,10 @@ def _environment(spec: ContainerSpec, hostname: str, gpu: GpuMounts | None) -> l
     if "HOSTNAME" not in keys and hostname:
         env.append(f"HOSTNAME={hostname}")
     if spec.gpu and gpu is not None:
-        env = [e for e in env if not e.startswith("VGPU_PROXY_SOCKET=")]
+        env = [e for e in env if not e.startswith(("VGPU_PROXY_SOCKET=", "VGPU_LINK="))]
         env.append(f"VGPU_PROXY_SOCKET={GPU_PROXY_SOCKET}")
+        if gpu.link != "local":
+            env.append(f"VGPU_LINK={gpu.link}")
     return env
 
 

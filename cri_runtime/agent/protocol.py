@@ -92,12 +92,22 @@ class Security(_Model):
     readonly_paths: tuple[str, ...] | None = None
 
 
+class ImageDisk(_Model):
+    """A read-only disk with an image's unpacked layers (Xen zones): the agent mounts
+    ``device`` read-only at ``mount_point`` (once per zone) before it mounts the overlay, whose
+    lower dirs are then under ``mount_point``."""
+
+    device: Path = Field(pattern=r"^/dev/xvd[a-z]{1,2}$")
+    mount_point: Path = Field(pattern=r"^/run/vgpu/images/[a-f0-9]{64}$")
+
+
 class ContainerSpec(_Model):
     """A container, resolved by the runtime from the CRI config and the image config."""
 
     container_id: str = Field(pattern=r"^[a-f0-9]{64}$")
     name: str
     rootfs_layers: tuple[Path, ...]  # unpacked image layers, lowest first (as the zone sees them)
+    image_disk: ImageDisk | None = None  # mounted before the layers are used (Xen)
     args: tuple[str, ...] = Field(min_length=1)  # entrypoint + cmd, resolved
     env: tuple[str, ...] = ()  # KEY=VALUE, image env overridden by the CRI config
     working_dir: str = "/"

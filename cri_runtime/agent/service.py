@@ -5,14 +5,19 @@ requests arrive on the host→zone ring and replies go back with the REPLY flag.
 on a thread of its own (a STOP with a 30 s grace must not hold up a STATUS); replies share one
 lock. When the channel breaks (the runtime restarted), containers keep running and the agent
 connects again, with backoff up to RETRY_MAX_S, and announces READY with what it runs.
+
+How the channel is made is the connector's business: a LocalLink to the runtime's unix socket
+(process backend), or a GrantLink offered to Dom0 (Xen, agent/xen.py).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -46,13 +51,53 @@ RETRY_MAX_S = 1.0
 Reply = tuple[int, bytes]
 
 
+class ControlConnection(Protocol):
+    """A fresh control channel to the runtime, before the hello."""
+
+    channel: Channel
+
+    def alive(self) -> bool:
+        """False once the runtime's end is gone (checked whenever the channel is idle)."""
+        ...
+
+
+class ControlConnector(Protocol):
+    def connect(self, give_up: float) -> ControlConnection:
+        """A new channel, the runtime attached by monotonic time ``give_up``; ChannelError if
+        the runtime cannot be reached now (the agent backs off and tries again)."""
+        ...
+
+
+class _LocalControl:
+    def __init__(self, link: LocalLink) -> None:
+        self.channel = link.open_channel()
+        self.alive = link.peer_alive
+
+
+class LocalControlConnector:
+    """The process backend's way: connect to the runtime's unix socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    def connect(self, give_up: float) -> ControlConnection:
+        return _LocalControl(LocalLink.connect(self.socket_path))
+
+
 def failure(status: AgentStatus, message: str) -> Reply:
     return int(status), AgentFailure(message=message).model_dump_json().encode()
 
 
 class AgentService:
-    def __init__(self, config: AgentConfig, manager: ContainerManager, oci_runtime: str) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        manager: ContainerManager,
+        oci_runtime: str,
+        connector: ControlConnector,
+    ) -> None:
         self._config = config
+        self._connector = connector
         self._manager = manager
         self._oci_runtime = oci_runtime
         self._stopping = threading.Event()
@@ -83,7 +128,7 @@ class AgentService:
         unreachable_logged = False
         while not self._stopping.is_set():
             try:
-                link = LocalLink.connect(self._config.control_socket)
+                connection = self._connector.connect(time.monotonic() + HELLO_TIMEOUT_MS / 1000)
             except ChannelError as exc:
                 if not unreachable_logged:
                     log.info("runtime unreachable; retrying", reason=exc.reason)
@@ -91,14 +136,14 @@ class AgentService:
                 self._stopping.wait(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
                 continue
-            channel = link.open_channel()
+            channel = connection.channel
             try:
                 channel.hello_client(
                     MAX_PAYLOAD, table_digest=PROTOCOL_DIGEST, timeout_ms=HELLO_TIMEOUT_MS
                 )
                 delay, unreachable_logged = RETRY_MIN_S, False
-                log.info("connected to the runtime", socket=str(self._config.control_socket))
-                self._serve(link, channel)
+                log.info("connected to the runtime")
+                self._serve(connection)
             except ChannelError as exc:
                 log.warning("control channel lost", reason=exc.reason)
                 self._stopping.wait(delay)
@@ -141,7 +186,8 @@ class AgentService:
         self.containers_removed = True
         return Empty()
 
-    def _serve(self, link: LocalLink, channel: Channel) -> None:
+    def _serve(self, connection: ControlConnection) -> None:
+        channel = connection.channel
         replies = _Replies(channel)
         ready = AgentReady(
             zone_id=self._config.zone_id,
@@ -154,8 +200,8 @@ class AgentService:
             while not self._stopping.is_set():
                 message = channel.recv(timeout_ms=POLL_MS)
                 if message is None:
-                    if not link.peer_alive():
-                        log.warning("runtime process gone")
+                    if not connection.alive():
+                        log.warning("runtime gone")
                         return
                     continue
                 header = message.header

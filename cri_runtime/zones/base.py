@@ -7,6 +7,7 @@ everything above it (containers, images, CRI semantics) is backend-independent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from cri_runtime.agent.client import AgentClient
+from cri_runtime.agent.protocol import ImageDisk
 
 
 class ZoneError(Exception):
@@ -28,12 +30,14 @@ class NetworkMode(StrEnum):
 
 
 class GpuAccess(BaseModel):
-    """The zone's channel to gpu-proxy, registered by the runtime before boot."""
+    """The zone's channel to gpu-proxy: registered by the runtime before boot (process
+    backend), or found by gpu-proxy itself (Xen: the quota goes to the zone's xenstore home)."""
 
     model_config = ConfigDict(frozen=True)
 
-    proxy_socket: Path  # gpu-proxy's LocalLink socket for this zone (process backend)
-    memory_limit: int = Field(ge=0)  # bytes of device memory, enforced by gpu-proxy
+    # gpu-proxy's LocalLink socket for this zone (process backend); None under Xen
+    proxy_socket: Path | None = None
+    memory_limit: int = Field(ge=0)  # bytes of device memory, enforced by gpu-proxy (0: default)
 
 
 class ZoneSpec(BaseModel):
@@ -72,6 +76,9 @@ class ZoneBackend(Protocol):
     one started."""
 
     name: str
+    # True: gpu-proxy discovers this backend's zones itself (Xen: a xenstore watch), so the
+    # runtime registers none with ZoneControl; the quota travels in ZoneSpec.gpu.
+    gpu_proxy_finds_zones: bool
 
     def boot(self, spec: ZoneSpec) -> ZoneInfo:
         """Start the zone and wait (up to spec.boot_timeout_s) until its agent is ready.
@@ -90,6 +97,14 @@ class ZoneBackend(Protocol):
     def agent(self, zone_id: str) -> AgentClient:
         """The control channel to a running zone's agent (reconnected after a runtime restart);
         ZoneError if the zone is not running."""
+        ...
+
+    def container_rootfs(
+        self, zone_id: str, image_id: str, layers: Sequence[Path]
+    ) -> tuple[tuple[Path, ...], ImageDisk | None]:
+        """An image's unpacked ``layers`` (host paths, lowest first) as the zone's agent will
+        see them, and the read-only disk the agent must mount first, if any (Xen); the process
+        backend's zones see the host's paths as they are."""
         ...
 
     def zone_dir(self, zone_id: str) -> Path:

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +50,7 @@ from pydantic import BaseModel, ValidationError
 import cri_runtime
 from cri_runtime.agent import cgroups
 from cri_runtime.agent.client import AgentClient, AgentError, AgentGone
+from cri_runtime.agent.protocol import ImageDisk
 from cri_runtime.agent.rootfs import unmount
 from cri_runtime.agent.standby import STANDBY_FLAG
 from cri_runtime.zones import pids
@@ -198,6 +199,7 @@ class ProcessZoneBackend:
     module docstring. One backend per ``root`` at a time (an exclusive lock says so)."""
 
     name = "process"
+    gpu_proxy_finds_zones = False
 
     def __init__(
         self,
@@ -301,6 +303,12 @@ class ProcessZoneBackend:
             if record is None or self._state(record) != ZoneState.RUNNING:
                 raise ZoneError(f"zone {zone_id} is not running")
             return self._client(zone_id, record, self._reconnect_timeout_s)
+
+    def container_rootfs(
+        self, zone_id: str, image_id: str, layers: Sequence[Path]
+    ) -> tuple[tuple[Path, ...], ImageDisk | None]:
+        """The zone is on this host: it sees the image store's layer directories as they are."""
+        return tuple(layers), None
 
     def zone_dir(self, zone_id: str) -> Path:
         if not ZONE_ID.match(zone_id):
@@ -436,7 +444,7 @@ class ProcessZoneBackend:
             flags += ["--new-netns", "--loopback"]
         if spec.hostname:
             flags.append(f"--hostname={spec.hostname}")
-        if spec.gpu is not None:
+        if spec.gpu is not None and spec.gpu.proxy_socket is not None:
             flags.append(f"--gpu-proxy-socket={spec.gpu.proxy_socket}")
         if self._libvgpu is not None:
             flags.append(f"--libvgpu={self._libvgpu}")

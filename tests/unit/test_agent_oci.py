@@ -293,6 +293,18 @@ def test_gpu_containers_get_the_proxy_socket_and_libvgpu() -> None:
     ]
 
 
+def test_gpu_containers_of_a_xen_zone_are_told_the_socket_is_the_grant_broker() -> None:
+    gpu = oci.GpuMounts(Path("/run/vgpu/broker.sock"), Path("/opt/libvgpu.so"), "grant")
+    config = build(spec(gpu=True, env=("VGPU_LINK=local", "A=1")), gpu=gpu)
+    assert [e for e in config["process"]["env"] if e.startswith(("VGPU", "A="))] == [
+        "A=1",
+        f"VGPU_PROXY_SOCKET={oci.GPU_PROXY_SOCKET}",
+        "VGPU_LINK=grant",
+    ]
+    local = build(spec(gpu=True, env=("VGPU_LINK=grant",)), gpu=oci.GpuMounts(Path("/p"), None))
+    assert not [e for e in local["process"]["env"] if e.startswith("VGPU_LINK")]
+
+
 def test_gpu_without_libvgpu_gets_the_socket_only() -> None:
     config = build(spec(gpu=True), gpu=oci.GpuMounts(Path("/p.sock"), None))
     assert [m["destination"] for m in config["mounts"] if m["type"] == "bind"] == [

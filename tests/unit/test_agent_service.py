@@ -13,7 +13,7 @@ from cri_runtime.agent.containers import ContainerManager
 from cri_runtime.agent.oci_runtime import OciRuntime, RuntimeChoice
 from cri_runtime.agent.protocol import AgentFailure, AgentOp, AgentStatus, ContainerSpec, Create
 from cri_runtime.agent.reaper import Reaper
-from cri_runtime.agent.service import AgentService
+from cri_runtime.agent.service import AgentService, LocalControlConnector
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def service(tmp_path: Path) -> AgentService:
     reaper = Reaper()  # never started: nothing here spawns a process
     runtime = OciRuntime(choice, config.zone_dir / "oci", config.zone_dir / "tmp", reaper)
     manager = ContainerManager(config, runtime, reaper, CgroupLayout())
-    return AgentService(config, manager, "runc")
+    return AgentService(config, manager, "runc", LocalControlConnector(tmp_path / "s"))
 
 
 def failure(reply: tuple[int, bytes]) -> tuple[int, str]:

@@ -1,0 +1,270 @@
+"""Read-only disks for Xen zones: a directory as an ext4 image, the image on a loop device, the
+loop device given to a domain.
+
+A zone sees host files only through disks: the project payload (agent, idm, libvgpu) and each
+container image's unpacked layers become ext4 images, built once per key (``mke2fs -d``, no
+mount, no root), and reach a domain as ``phy:/dev/loopN,<vdev>,r`` in its config or through
+``xl block-attach``. Every domain gets a loop device of its own, attached read-only; once the
+domain holds it open (its blkback did, e.g. after the zone mounted the disk),
+``release_loop`` hands it to the kernel, which frees it when the last holder closes it (loop
+autoclear): a destroyed or crashed zone, or a runtime that died, never leaks a loop device.
+Disks may name ``BLOCK_RO_SCRIPT`` as their hotplug script (``block-ro`` next to this file):
+Xen's generic ``block`` script scans every mount and every domain's disks for sharing on each
+attach, costing seconds per disk in a busy Dom0; a read-only disk needs none of it.
+
+Every failure is a ZoneError carrying the tool's own stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from cri_runtime.zones.base import ZoneError
+from cri_runtime.zones.xl import Xl
+
+log = structlog.get_logger(__name__)
+
+VDEV = re.compile(r"^xvd[a-z]{1,2}$")
+CACHE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LOOP_DEVICE = re.compile(r"^/dev/loop[0-9]+$")
+BLOCK_SIZE = 4096
+INODE_SIZE = 256
+# Room for what the estimate below does not count (extent trees, group descriptors, bitmaps).
+SIZE_MARGIN = 1.15
+MIN_SIZE_MIB = 8
+MKE2FS_TIMEOUT_S = 1800.0
+LOSETUP_TIMEOUT_S = 60.0
+STDERR_LIMIT = 2000
+SYS_BLOCK = Path("/sys/block")
+# libxl hotplug script for read-only disks: what Xen's "block" does for a block device, minus
+# its sharing scan (dozens of processes per disk; ~10 s of every `xl create` under emulation).
+BLOCK_RO_SCRIPT = Path(__file__).resolve().parent / "block-ro"
+
+
+def _run(command: list[str], what: str, timeout_s: float) -> str:
+    """stdout of ``command``; ZoneError naming ``what`` with the tool's stderr otherwise."""
+    try:
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise ZoneError(f"{what}: {command[0]} did not finish within {timeout_s:.0f} s") from None
+    except OSError as exc:
+        raise ZoneError(f"{what}: cannot run {command[0]}: {exc}") from None
+    if proc.returncode != 0:
+        why = proc.stderr.strip() or proc.stdout.strip() or "no message"
+        raise ZoneError(f"{what}: {' '.join(command)} failed (exit {proc.returncode}): "
+                        f"{why[-STDERR_LIMIT:]}")  # fmt: skip
+    return proc.stdout
+
+
+# -- ext4 images -------------------------------------------------------------------------------
+
+
+def estimate_ext4(source: Path) -> tuple[int, int]:
+    """(bytes, inodes) an ext4 holding ``source`` needs, with a margin; hard links once."""
+    blocks = 0
+    inodes = 16  # ext4's reserved inodes
+    seen: set[tuple[int, int]] = set()
+    for directory, dirnames, filenames in os.walk(source):
+        names = dirnames + filenames
+        blocks += 1 + sum(len(n) + 12 for n in names) // BLOCK_SIZE
+        inodes += 1
+        for name in names:
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue  # directories are counted when walked
+            seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            if stat.S_ISREG(st.st_mode) or (stat.S_ISLNK(st.st_mode) and st.st_size > 59):
+                blocks += -(-st.st_size // BLOCK_SIZE)
+    inodes = int(inodes * SIZE_MARGIN) + 64
+    size = int((blocks * BLOCK_SIZE + inodes * INODE_SIZE) * SIZE_MARGIN)
+    mib = max(MIN_SIZE_MIB, -(-size // (1 << 20)) + 4)
+    return mib << 20, inodes
+
+
+def build_ext4(source: Path, dest: Path, *, label: str = "") -> Path:
+    """Make ``dest`` an ext4 image holding ``source`` (owners, modes, links as they are there),
+    for read-only use: no journal, no reserved blocks, sized to fit. Written to a temporary file
+    in ``dest``'s directory and renamed, so ``dest`` is complete or absent."""
+    if not source.is_dir():
+        raise ZoneError(f"cannot make a disk of {source}: not a directory")
+    if len(label) > 16:
+        raise ZoneError(f"ext4 label {label!r} is longer than 16 bytes")
+    try:
+        size, inodes = estimate_ext4(source)
+    except OSError as exc:
+        raise ZoneError(f"cannot make a disk of {source}: {exc}") from None
+    mke2fs = shutil.which("mke2fs") or shutil.which("mke2fs", path="/usr/sbin:/sbin")
+    if mke2fs is None:
+        raise ZoneError("mke2fs not found (package e2fsprogs)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        for attempt in (1, 2):
+            tmp.unlink(missing_ok=True)
+            command = [
+                mke2fs, "-q", "-F", "-t", "ext4", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
+                "-N", str(inodes), "-m", "0", "-O", "^has_journal,^resize_inode",
+                *(["-L", label] if label else []), "-d", str(source), str(tmp),
+                f"{size >> 10}k",
+            ]  # fmt: skip
+            try:
+                _run(command, f"making an ext4 image of {source}", MKE2FS_TIMEOUT_S)
+                break
+            except ZoneError as exc:
+                # The estimate is generous; a tree it misjudges gets one try at twice the size.
+                if attempt == 2 or ("allocat" not in str(exc) and "space" not in str(exc)):
+                    raise
+                size, inodes = size * 2, inodes * 2
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("ext4 image built", source=str(source), image=str(dest), size=size)
+    return dest
+
+
+class Ext4Cache:
+    """ext4 images of directories under ``root``, one per key (an image id, a payload hash):
+    built once, reused while the file exists. Safe across threads and processes (a lock file
+    per key); what the key stands for is the caller's to keep stable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        if not CACHE_KEY.match(key):
+            raise ZoneError(f"invalid disk cache key {key!r}")
+        return self.root / f"{key}.ext4"
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f".{key}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def get(self, key: str, source: Path, *, label: str = "") -> Path:
+        """The image for ``key``, built from ``source`` if there is none yet."""
+        image = self.path(key)
+        if image.is_file():
+            return image
+        with self._locked(key):
+            if not image.is_file():
+                build_ext4(source, image, label=label)
+        return image
+
+    def discard(self, key: str) -> bool:
+        """Remove ``key``'s image unless a loop device still uses it; True if it is gone."""
+        image = self.path(key)
+        with self._locked(key):
+            if loops_of(image):
+                return False
+            image.unlink(missing_ok=True)
+        return True
+
+
+# -- loop devices ------------------------------------------------------------------------------
+
+
+def _loop_sysfs(device: Path) -> Path:
+    if not LOOP_DEVICE.match(str(device)):
+        raise ZoneError(f"{device} is not a loop device")
+    return SYS_BLOCK / device.name / "loop"
+
+
+def loop_backing_file(device: Path) -> Path | None:
+    """The file ``device`` reads, or None if it is not bound to one."""
+    try:
+        text = (_loop_sysfs(device) / "backing_file").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return Path(text) if text else None
+
+
+def loops_of(image: Path) -> list[Path]:
+    """The loop devices bound to ``image`` now."""
+    target = image.resolve()
+    found = []
+    for entry in sorted(SYS_BLOCK.glob("loop*")):
+        device = Path("/dev") / entry.name
+        if LOOP_DEVICE.match(str(device)) and loop_backing_file(device) == target:
+            found.append(device)
+    return found
+
+
+def attach_loop(image: Path) -> Path:
+    """A fresh read-only loop device for ``image`` (``losetup -r --find --show``)."""
+    if not image.is_file():
+        raise ZoneError(f"cannot attach {image}: no such image file")
+    if not Path("/dev/loop-control").exists():
+        # Without udev (a minimal Dom0) nothing loads the loop driver on demand.
+        _run(["modprobe", "loop"], "loading the loop driver", LOSETUP_TIMEOUT_S)
+    out = _run(["losetup", "-r", "--find", "--show", str(image)],
+               f"attaching {image} to a loop device", LOSETUP_TIMEOUT_S)  # fmt: skip
+    device = Path(out.strip())
+    if not LOOP_DEVICE.match(str(device)):
+        raise ZoneError(f"losetup gave {out.strip()!r} for {image}, not a loop device")
+    log.info("loop device attached", image=str(image), device=str(device))
+    return device
+
+
+def release_loop(device: Path) -> bool:
+    """``losetup -d``: frees ``device`` now if nothing holds it open (True), or marks it to be
+    freed by the kernel when its last holder (a domain's blkback) closes it (False)."""
+    _loop_sysfs(device)
+    if loop_backing_file(device) is None:
+        return True
+    _run(["losetup", "-d", str(device)], f"releasing {device}", LOSETUP_TIMEOUT_S)
+    freed = loop_backing_file(device) is None
+    log.info("loop device released", device=str(device), freed_now=freed)
+    return freed
+
+
+# -- domains -----------------------------------------------------------------------------------
+
+
+def disk_spec(device: Path, vdev: str, *, script: Path | None = None) -> str:
+    """The xl disk spec of a read-only block device: ``phy:/dev/loopN,<vdev>,r``, or with
+    ``script`` (e.g. BLOCK_RO_SCRIPT) the keyword form xl needs to name a hotplug script."""
+    if not VDEV.match(vdev):
+        raise ZoneError(f"invalid virtual device {vdev!r} (expected xvd<letters>)")
+    text = str(device)
+    if not text.startswith("/dev/") or "," in text or any(c.isspace() for c in text):
+        raise ZoneError(f"invalid block device {text!r} for a disk spec")
+    if script is None:
+        return f"phy:{text},{vdev},r"
+    if not script.is_absolute() or "," in str(script) or any(c.isspace() for c in str(script)):
+        raise ZoneError(f"invalid hotplug script path {str(script)!r}")
+    return f"vdev={vdev},access=r,script={script},target={text}"
+
+
+def block_attach(
+    xl: Xl, domain: str, device: Path, vdev: str, *, script: Path | None = None
+) -> None:
+    """Give running (or paused) ``domain`` ``device`` read-only as ``vdev``."""
+    xl.block_attach(domain, disk_spec(device, vdev, script=script))
+
+
+def block_detach(xl: Xl, domain: str, vdev: str) -> None:
+    """Take ``vdev`` away from ``domain`` (the zone must have unmounted it)."""
+    if not VDEV.match(vdev):
+        raise ZoneError(f"invalid virtual device {vdev!r} (expected xvd<letters>)")
+    xl.block_detach(domain, vdev)
