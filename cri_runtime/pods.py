@@ -36,6 +36,7 @@ from cri_runtime.errors import (
 )
 from cri_runtime.gpu import GpuProxyClient, parse_quantity
 from cri_runtime.images.store import Image, ImageStore
+from cri_runtime.logs import LogRelay
 from cri_runtime.state import (
     ContainerRecord,
     ContainerState,
@@ -89,6 +90,21 @@ class PodManager:
         self.gpu = gpu
         self._names = threading.Lock()
         self._pod_locks: dict[str, threading.Lock] = {}
+        # Logs the agent cannot write on this host (Xen) are pulled from it (cri_runtime/logs.py)
+        self.logs = (
+            LogRelay(config.state_dir / "log-offsets", backend.agent, self._is_running)
+            if backend.relays_logs
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop relaying logs; zones and their containers keep running."""
+        if self.logs is not None:
+            self.logs.close()
+
+    def _is_running(self, container_id: str) -> bool:
+        record = self.state.containers.get(container_id)
+        return record is not None and record.state == ContainerState.RUNNING
 
     @contextlib.contextmanager
     def _pod(self, sandbox_id: str) -> Iterator[None]:
@@ -274,6 +290,7 @@ class PodManager:
         self.stop_sandbox(sandbox_id)
         with self._pod(sandbox_id):
             for c in self.containers_of(sandbox_id):
+                self._forget_log(c.id)
                 self.images.release(c.id)
                 self.state.containers.delete(c.id)
             self.state.sandboxes.delete(sandbox_id)
@@ -337,6 +354,8 @@ class PodManager:
             p.ContainerState.RUNNING: ContainerState.RUNNING,
             p.ContainerState.EXITED: ContainerState.EXITED,
         }[info.state]
+        if state == ContainerState.EXITED and record.state != ContainerState.EXITED:
+            self._drain_log(record.id)  # the log is whole before the status says EXITED
         updated = record.model_copy(
             update={
                 "state": state,
@@ -352,6 +371,19 @@ class PodManager:
             # container RemoveContainer deleted while the agent answered
             self.state.containers.replace(updated)
         return updated
+
+    def _drain_log(self, container_id: str) -> None:
+        if self.logs is not None and self.logs.tracked(container_id):
+            self.logs.drain(container_id)
+
+    def _forget_log(self, container_id: str) -> None:
+        if self.logs is not None:
+            self.logs.forget(container_id)
+
+    def _relay_log(self, record: ContainerRecord) -> None:
+        """Pull the container's log to its host file (backends whose agent cannot write it)."""
+        if self.logs is not None and record.log_path:
+            self.logs.track(record.id, record.sandbox_id, Path(record.log_path))
 
     def refresh_containers(self, record: SandboxRecord, *, forget_unknown: bool = False) -> None:
         """Bring the sandbox's live container records up to date with its agent. With
@@ -414,13 +446,24 @@ class PodManager:
                 record, spec = self._new_container(container_id, sandbox, config, image)
                 self.state.containers.put(record)
                 info = agent.create(spec)
-            except BaseException:
+            except BaseException as exc:
+                self._undo_rootfs(sandbox_id, container_id)
                 self.state.containers.delete(container_id)
                 self.images.release(container_id)
+                if isinstance(exc, ZoneError):
+                    raise ZoneFailed(f"container {config.metadata.name!r}: {exc}") from exc
                 raise
+            self._relay_log(record)
             record = self._apply(record, info)
         log.info("container created", sandbox=sandbox_id, container=container_id, name=record.name)
         return record
+
+    def _undo_rootfs(self, sandbox_id: str, container_id: str) -> None:
+        """Release what the backend gave the zone for a container that was not created."""
+        try:
+            self.backend.release_rootfs(sandbox_id, container_id)
+        except ZoneError as exc:
+            log.error("container rootfs not released", container=container_id, error=str(exc))
 
     def _new_container(
         self,
@@ -433,20 +476,6 @@ class PodManager:
         if sandbox.log_directory and config.log_path:
             log_path = Path(sandbox.log_directory) / config.log_path
             log_path.parent.mkdir(parents=True, exist_ok=True)
-        layers, image_disk = self.backend.container_rootfs(
-            sandbox.id, image.id, self.images.layer_dirs(image)
-        )
-        spec = container_spec(
-            container_id,
-            config,
-            image.config,
-            list(layers),
-            hostname=sandbox.zone.hostname,
-            log_path=log_path,
-            gpu=sandbox.zone.gpu is not None,
-        )
-        if image_disk is not None:
-            spec = spec.model_copy(update={"image_disk": image_disk})
         record = ContainerRecord(
             id=container_id,
             created_at_ns=time.time_ns(),
@@ -463,8 +492,24 @@ class PodManager:
         )
         name = record.reserved_name
         taken = [c for c in self.containers_of(sandbox.id) if c.reserved_name == name]
-        if taken:
+        if taken:  # before the rootfs: a Xen zone would get the image's disk for nothing
             raise AlreadyExists(f"container name {name} is already used by {taken[0].id}")
+        layers, image_disk = self.backend.container_rootfs(
+            sandbox.id, container_id, image.id, self.images.layer_dirs(image)
+        )
+        spec = container_spec(
+            container_id,
+            config,
+            image.config,
+            list(layers),
+            hostname=sandbox.zone.hostname,
+            log_path=log_path,
+            gpu=sandbox.zone.gpu is not None,
+        )
+        if image_disk is not None:
+            spec = spec.model_copy(update={"image_disk": image_disk})
+        if self.logs is not None and log_path is not None:  # the host's file is not the zone's
+            spec = spec.model_copy(update={"log_path": None, "log_relay": True})
         return record, spec
 
     def container(self, container_id: str) -> ContainerRecord:
@@ -533,6 +578,11 @@ class PodManager:
                         raise
                 except (AgentGone, FailedPrecondition) as exc:
                     log.warning("zone gone while removing a container", error=str(exc))
+                try:
+                    self.backend.release_rootfs(record.sandbox_id, container_id)
+                except ZoneError as exc:
+                    raise ZoneFailed(f"removing container {container_id}: {exc}") from exc
+            self._forget_log(container_id)
             self.images.release(container_id)
             self.state.containers.delete(container_id)
         log.info("container removed", container=container_id)
@@ -570,7 +620,10 @@ class PodManager:
 
     def reopen_log(self, container_id: str) -> None:
         _, agent = self._running_agent(container_id, "reopen the log of")
-        agent.reopen_log(container_id)
+        if self.logs is not None and self.logs.tracked(container_id):
+            self.logs.reopen(container_id)  # the file is the runtime's, not the agent's
+        else:
+            agent.reopen_log(container_id)
 
     def update_resources(self, container_id: str, res: api_pb2.LinuxContainerResources) -> None:
         record, agent = self._running_agent(container_id, "update")
@@ -610,6 +663,10 @@ class PodManager:
                     running.append(record)
             elif zone is not None:
                 self._stop_zone_logged(record.id)
+        for sandbox in running:  # before the refresh, which drains the logs of exited ones
+            for c in self.containers_of(sandbox.id):
+                if c.state != ContainerState.EXITED:
+                    self._relay_log(c)  # from the offset the last runtime recorded
         # Each zone's agent reconnects on its own schedule (up to a second apart): wait for them
         # side by side, not one after another, before the runtime listens.
         with ThreadPoolExecutor(RECOVERY_WORKERS, thread_name_prefix="recover") as pool:

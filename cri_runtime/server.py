@@ -55,6 +55,7 @@ class RuntimeServer:
         self.pods = PodManager(
             config, RuntimeState(config.state_dir), self.backend, self.images, self.gpu
         )
+        self.images.on_removal(self.backend.prune_images)  # e.g. Xen image disks
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="cri"),
             options=[("grpc.max_receive_message_length", 16 << 20)],
@@ -65,6 +66,7 @@ class RuntimeServer:
     def start(self) -> None:
         """Reconcile state with the zones that exist, then listen."""
         self.pods.recover()
+        self.backend.prune_images(self.images.live_ids())
         path = self.config.listen
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket():
@@ -86,6 +88,7 @@ class RuntimeServer:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop serving; zones keep running and are picked up by the next start."""
         self._server.stop(grace_s).wait()
+        self.pods.close()
         self.backend.close()
         if self.gpu is not None:
             self.gpu.close()

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from cri_runtime.client import CriClient
+from gpu_proxy.proto.gen import control_pb2, control_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_LINES = 20
@@ -113,6 +116,14 @@ class GpuProxyDaemon:
                 },
             )  # fmt: skip
         self.serving = self.wait_for_log("gpu-proxy serving", timeout_s=60)
+
+    def zones(self) -> list[control_pb2.ZoneStatus]:
+        """The zones gpu-proxy serves now (ZoneControl List)."""
+        with grpc.insecure_channel(self.control_address) as channel:
+            reply = control_pb2_grpc.ZoneControlStub(channel).List(
+                control_pb2.ListZonesRequest(), timeout=10
+            )
+        return list(reply.zones)
 
     def logged(self, event: str) -> dict[str, Any] | None:
         """The first log entry with this event, if it has been written."""

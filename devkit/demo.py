@@ -44,7 +44,6 @@ from devkit.busybox import BUSYBOX
 from devkit.cuda_image import LIBVGPU, NVCC, PROGRAM, SOURCE, build_program, push_cuda_image
 from devkit.daemons import ROOT, DaemonFailed, GpuProxyDaemon, RuntimeDaemon, log_tail
 from devkit.registry import REGISTRY_BINARY, LocalRegistry
-from gpu_proxy.proto.gen import control_pb2, control_pb2_grpc
 
 DEFAULT_WORK_DIR = Path("/tmp/vgpu-demo")
 LOCK_FILE = ".vgpu-demo.lock"  # marks a demo work dir, and is locked while a demo uses it
@@ -269,7 +268,7 @@ class Demo:
 
     def show_zone(self) -> None:
         section("gpu-proxy: zones (ZoneControl List)")
-        zones = self.proxy_zones()
+        zones = self.proxy.zones()
         for zone in zones:
             identity = zone.identity
             say(f"  zone    {identity.zone}")
@@ -362,7 +361,7 @@ class Demo:
         still_held = [
             what
             for what, held in [
-                ("ZoneControl lists it", zone_id in {z.identity.zone for z in self.proxy_zones()}),
+                ("ZoneControl lists it", zone_id in {z.identity.zone for z in self.proxy.zones()}),
                 ("/metrics has its series", bool(self.zone_metrics(zone_id))),
                 ("its socket exists", (self.proxy.socket_dir / f"{zone_id}.sock").exists()),
             ]
@@ -375,13 +374,6 @@ class Demo:
             )
         say("  gpu-proxy released the zone: not in ZoneControl List or /metrics, socket removed")
         say(f"  vgpu_proxy_zone_teardowns_total {self.metric('vgpu_proxy_zone_teardowns_total')}")
-
-    def proxy_zones(self) -> list[control_pb2.ZoneStatus]:
-        with grpc.insecure_channel(self.proxy.control_address) as channel:
-            reply = control_pb2_grpc.ZoneControlStub(channel).List(
-                control_pb2.ListZonesRequest(), timeout=10
-            )
-        return list(reply.zones)
 
     def scrape(self) -> list[str]:
         with urllib.request.urlopen(self.proxy.metrics_url, timeout=10) as response:

@@ -137,6 +137,13 @@ class AgentClient:
     def reopen_log(self, container_id: str) -> None:
         self._call(p.AgentOp.REOPEN_LOG, p.ContainerRef(container_id=container_id), p.Empty)
 
+    def read_log(
+        self, container_id: str, offset: int | None, max_bytes: int = p.LOG_CHUNK_MAX
+    ) -> p.LogChunk:
+        """A relayed container's log from ``offset`` (acknowledging what comes before)."""
+        request = p.ReadLog(container_id=container_id, offset=offset, max_bytes=max_bytes)
+        return self._call(p.AgentOp.READ_LOG, request, p.LogChunk)
+
     def stats(self, container_id: str) -> p.Stats:
         return self._call(p.AgentOp.STATS, p.ContainerRef(container_id=container_id), p.Stats)
 

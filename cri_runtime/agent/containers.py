@@ -30,7 +30,8 @@ from cri_runtime.agent import cgroups, oci, rootfs
 from cri_runtime.agent.cgroups import CgroupLayout
 from cri_runtime.agent.client import AgentError
 from cri_runtime.agent.config import AgentConfig
-from cri_runtime.agent.crilog import CriLog, start_pump
+from cri_runtime.agent.crilog import CriLog, CriLogBuffer, LogSink, start_pump
+from cri_runtime.agent.image_disks import ImageMounts
 from cri_runtime.agent.oci_runtime import OciRuntime
 from cri_runtime.agent.protocol import (
     AgentStatus,
@@ -38,6 +39,7 @@ from cri_runtime.agent.protocol import (
     ContainerSpec,
     ContainerState,
     ExecResult,
+    LogChunk,
     Resources,
     Stats,
 )
@@ -73,7 +75,7 @@ class Container:
         self.exit_code: int | None = None
         self.reason = ""
         self.message = ""
-        self.log_sink: CriLog | None = None
+        self.log_sink: LogSink | None = None
         self.pumps: list[threading.Thread] = []
         self.exited = threading.Event()  # set once the exit is recorded and the log drained
         self.op_lock = threading.Lock()
@@ -137,6 +139,7 @@ class ContainerManager:
             else None
         )
         self._libvgpu_absence_logged = False
+        self._image_mounts = ImageMounts()
         self._lock = threading.Lock()
         self._containers: dict[str, Container] = {}
         self._creating: set[str] = set()
@@ -220,6 +223,23 @@ class ContainerManager:
             except OSError as exc:
                 raise AgentError(AgentStatus.FAILED, f"reopen {c.spec.log_path}: {exc}") from exc
 
+    def read_log(self, container_id: str, offset: int | None, max_bytes: int) -> LogChunk:
+        """The next piece of a relayed container's log; ``complete`` once it exited and its
+        output is all read."""
+        c = self._get(container_id)
+        sink = c.log_sink
+        if not isinstance(sink, CriLogBuffer):
+            raise AgentError(AgentStatus.INVALID, "the container's log is a file, not relayed")
+        # exited and every pump done: nothing more can be written (checked before the read)
+        finished = c.exited.is_set() and not any(p.is_alive() for p in c.pumps)
+        try:
+            start, data = sink.read(offset, max_bytes)
+        except ValueError as exc:
+            raise AgentError(AgentStatus.INVALID, str(exc)) from exc
+        return LogChunk(
+            offset=start, data=data, complete=finished and start + len(data) == sink.end
+        )
+
     def stats(self, container_id: str) -> Stats:
         c = self._get(container_id)
         use = cgroups.usage(self._layout, c.cgroups_path)
@@ -289,6 +309,8 @@ class ContainerManager:
         for directory in (c.rootfs, c.upper, c.work):
             directory.mkdir(parents=True)
         try:
+            if spec.image_disk is not None:
+                self._image_mounts.acquire(spec.image_disk, c.id)
             try:
                 rootfs.mount_overlay(spec.rootfs_layers, c.upper, c.work, c.rootfs)
             except ValueError as exc:
@@ -297,7 +319,7 @@ class ContainerManager:
                 raise AgentError(AgentStatus.FAILED, str(exc)) from exc
             (c.bundle / "config.json").write_text(json.dumps(self._runtime_spec(c)))
             try:
-                c.log_sink = CriLog(spec.log_path)
+                c.log_sink = CriLogBuffer() if spec.log_relay else CriLog(spec.log_path)
             except OSError as exc:
                 raise AgentError(AgentStatus.FAILED, f"open log {spec.log_path}: {exc}") from exc
             return c
@@ -411,6 +433,12 @@ class ContainerManager:
             rootfs.unmount(c.rootfs)
         except OSError as exc:
             c.log.warning("rootfs not unmounted", error=str(exc))
+        try:
+            self._image_mounts.release(c.id)
+        except AgentError as exc:
+            c.log.warning("image disk not unmounted", error=str(exc))
+        if isinstance(c.log_sink, CriLogBuffer):
+            c.log_sink.close()  # a relayed log nobody reads any more must not block the pumps
         for pump in c.pumps:
             pump.join(LOG_DRAIN_S)
         if c.log_sink is not None:

@@ -19,6 +19,7 @@ log = structlog.get_logger(__name__)
 
 MAX_LINE = 16 * 1024
 READ_SIZE = 64 * 1024
+LOG_BUFFER_BYTES = 4 << 20  # per container, in the zone's memory, until the runtime reads it
 
 
 def rfc3339nano(ns: int) -> str:
@@ -88,7 +89,66 @@ class CriLog:
                 self._fd = None
 
 
-def pump(fd: int, stream: str, sink: CriLog) -> None:
+class CriLogBuffer:
+    """The log of a container whose log file the agent cannot write (a Xen zone: the file is
+    on the host): entries wait here, formatted as in the file, until the runtime fetches them
+    (READ_LOG) and appends them to the file. Offsets count the log's bytes since the container
+    was created; the runtime's read at offset N acknowledges everything before N, which is
+    then dropped. Bounded: a full buffer blocks the pumps, and with them the container's
+    writes, until the runtime reads (as a file on a stalled disk would)."""
+
+    path = None
+
+    def __init__(self, capacity: int = LOG_BUFFER_BYTES) -> None:
+        self.capacity = capacity
+        self._cond = threading.Condition()
+        self._data = bytearray()
+        self._start = 0  # offset of _data[0]
+        self._closed = False
+
+    @property
+    def end(self) -> int:
+        with self._cond:
+            return self._start + len(self._data)
+
+    def write(self, stream: str, entries: list[tuple[bool, bytes]], ns: int) -> None:
+        data = b"".join(format_entry(ns, stream, partial, c) for partial, c in entries)
+        with self._cond:
+            # one write may exceed the capacity (a 64 KiB read split into entries): it waits
+            # for an empty buffer instead of forever
+            while self._data and len(self._data) + len(data) > self.capacity and not self._closed:
+                self._cond.wait()
+            if not self._closed:
+                self._data += data
+
+    def read(self, offset: int | None, max_bytes: int) -> tuple[int, bytes]:
+        """(offset of the data, up to ``max_bytes`` from ``offset``); bytes before ``offset``
+        are dropped. ``offset`` None (a runtime that lost count) or one already dropped reads
+        from the oldest byte kept. ValueError for an offset past the end."""
+        with self._cond:
+            end = self._start + len(self._data)
+            if offset is not None and offset > end:
+                raise ValueError(f"offset {offset} is past the log's end {end}")
+            if offset is not None and offset > self._start:
+                del self._data[: offset - self._start]
+                self._start = offset
+                self._cond.notify_all()
+            return self._start, bytes(self._data[:max_bytes])
+
+    def reopen(self) -> None:
+        """Nothing here: the runtime reopens the host's file."""
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._data.clear()
+            self._cond.notify_all()
+
+
+LogSink = CriLog | CriLogBuffer
+
+
+def pump(fd: int, stream: str, sink: LogSink) -> None:
     """Copy one output pipe into the log until every writer closed it; closes ``fd``."""
     pending = b""
     try:
@@ -106,7 +166,7 @@ def pump(fd: int, stream: str, sink: CriLog) -> None:
         os.close(fd)
 
 
-def start_pump(fd: int, stream: str, sink: CriLog, name: str) -> threading.Thread:
+def start_pump(fd: int, stream: str, sink: LogSink, name: str) -> threading.Thread:
     thread = threading.Thread(target=pump, args=(fd, stream, sink), name=name, daemon=True)
     thread.start()
     return thread

@@ -10,14 +10,15 @@ The hello on this channel uses PROTOCOL_DIGEST, so an agent from another build i
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 PROTOCOL_DIGEST = int.from_bytes(
     hashlib.sha256(f"vgpu-zone-agent/{PROTOCOL_VERSION}".encode()).digest()[:8], "little"
 )
@@ -38,6 +39,7 @@ class AgentOp(IntEnum):
     STATS = 0x109
     UPDATE_RESOURCES = 0x10A
     SHUTDOWN = 0x10B
+    READ_LOG = 0x10C
 
 
 class AgentStatus(IntEnum):
@@ -95,10 +97,25 @@ class Security(_Model):
 class ImageDisk(_Model):
     """A read-only disk with an image's unpacked layers (Xen zones): the agent mounts
     ``device`` read-only at ``mount_point`` (once per zone) before it mounts the overlay, whose
-    lower dirs are then under ``mount_point``."""
+    lower dirs are then under ``mount_point``. The disk's ext4 label is the image id's first
+    16 hex digits (the start of ``mount_point``'s name), which the agent checks."""
 
-    device: Path = Field(pattern=r"^/dev/xvd[a-z]{1,2}$")
-    mount_point: Path = Field(pattern=r"^/run/vgpu/images/[a-f0-9]{64}$")
+    device: Path
+    mount_point: Path
+
+    @field_validator("device")
+    @classmethod
+    def _a_xen_disk(cls, value: Path) -> Path:
+        if not re.fullmatch(r"/dev/xvd[a-z]{1,2}", str(value)):
+            raise ValueError(f"{value} is not a Xen virtual disk (/dev/xvd<letters>)")
+        return value
+
+    @field_validator("mount_point")
+    @classmethod
+    def _under_the_image_mounts(cls, value: Path) -> Path:
+        if not re.fullmatch(r"/run/vgpu/images/[a-f0-9]{64}", str(value)):
+            raise ValueError(f"{value} is not /run/vgpu/images/<image id hex>")
+        return value
 
 
 class ContainerSpec(_Model):
@@ -115,6 +132,9 @@ class ContainerSpec(_Model):
     hostname: str = ""
     mounts: tuple[Mount, ...] = ()
     log_path: Path | None = None  # CRI log file (absolute, as the zone sees it)
+    # The agent keeps the CRI log for the runtime to fetch (READ_LOG) instead of writing
+    # log_path: the file is on a host the zone cannot write (Xen).
+    log_relay: bool = False
     resources: Resources = Resources()
     security: Security = Security()
     annotations: dict[str, str] = {}
@@ -198,6 +218,26 @@ class Empty(_Model):
     pass
 
 
+LOG_CHUNK_MAX = 1 << 20
+
+
+class ReadLog(_Model):
+    """Fetch a relayed container's log from ``offset`` (the bytes the runtime has, which the
+    agent may now drop; None: the runtime lost count, e.g. after a restart)."""
+
+    container_id: str
+    offset: int | None = Field(default=None, ge=0)
+    max_bytes: int = Field(default=256 << 10, ge=1, le=LOG_CHUNK_MAX)
+
+
+class LogChunk(_Model):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    offset: int  # where ``data`` starts in the container's log
+    data: bytes  # CRI log entries, as the file holds them
+    complete: bool  # the container exited and nothing follows ``data``
+
+
 # request model and response model per opcode: one table, used by both ends
 REQUESTS: dict[AgentOp, tuple[type[BaseModel], type[BaseModel]]] = {
     AgentOp.CREATE: (Create, ContainerInfo),
@@ -211,4 +251,5 @@ REQUESTS: dict[AgentOp, tuple[type[BaseModel], type[BaseModel]]] = {
     AgentOp.STATS: (ContainerRef, Stats),
     AgentOp.UPDATE_RESOURCES: (UpdateResources, ContainerInfo),
     AgentOp.SHUTDOWN: (Stop, Empty),  # container_id ignored; timeout_s is the grace period
+    AgentOp.READ_LOG: (ReadLog, LogChunk),
 }

@@ -15,6 +15,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MNT_DETACH = 2
+MS_RDONLY = 1
 MAX_SYMLINKS = 40
 _FORBIDDEN_IN_OVERLAY_OPTION = (":", ",", "\\")
 
@@ -38,9 +39,19 @@ def mount_overlay(layers: Sequence[Path], upper: Path, work: Path, target: Path)
         raise OSError(code, f"mount overlay on {target}: {os.strerror(code)}")
 
 
-def unmount(target: Path) -> None:
-    """Detach ``target``; a path that is not mounted (or gone) is fine."""
-    if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+def mount_readonly(device: Path, target: Path, fstype: str) -> None:
+    """Mount the file system on ``device`` read-only on ``target``. OSError from mount(2)."""
+    if _libc.mount(os.fsencode(device), os.fsencode(target), fstype.encode(), MS_RDONLY, None):
+        code = ctypes.get_errno()
+        raise OSError(
+            code, f"mount {device} ({fstype}, read-only) on {target}: {os.strerror(code)}"
+        )
+
+
+def unmount(target: Path, *, lazy: bool = True) -> None:
+    """Unmount ``target`` (``lazy``: detach it now, the file system goes with its last user);
+    a path that is not mounted (or gone) is fine."""
+    if _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOENT):
             raise OSError(code, f"umount {target}: {os.strerror(code)}")

@@ -116,6 +116,7 @@ class AgentService:
                 r.container_id, r.resources
             ),
             AgentOp.SHUTDOWN: self._shutdown,
+            AgentOp.READ_LOG: lambda r: manager.read_log(r.container_id, r.offset, r.max_bytes),
         }
 
     def stop(self) -> None:

@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,6 +176,7 @@ class ImageStore:
         self._images: dict[str, Image] = {}
         self._layers: dict[str, LayerRecord] = {}
         self._holds: dict[str, Hold] = {}
+        self._removal_listeners: builtins.list[Callable[[frozenset[str]], None]] = []
         self._open()
 
     # -- queries ---------------------------------------------------------------------------
@@ -190,6 +191,16 @@ class ImageStore:
     def list(self) -> builtins.list[Image]:
         with self._lock:
             return [image.model_copy(deep=True) for image in self._images.values()]
+
+    def live_ids(self) -> frozenset[str]:
+        """The ids of the images present or held by a container."""
+        with self._lock:
+            return self._live_ids()
+
+    def on_removal(self, listener: Callable[[frozenset[str]], None]) -> None:
+        """Call ``listener(live_ids())`` after each removal of an image or a hold, so what was
+        derived from images elsewhere (the Xen backend's image disks) follows the store."""
+        self._removal_listeners.append(listener)
 
     def layer_dirs(self, image: Image) -> builtins.list[Path]:
         """Unpacked layer directories, lowest first (overlay wants lowerdirs topmost first).
@@ -359,7 +370,10 @@ class ImageStore:
                 del self._images[image.id]
                 log.info("image removed", image=image.id, by=ref_or_id)
             doomed = self._save_and_collect()
+            live = self._live_ids()
         self._delete(doomed)
+        if unnamed:
+            self._removed(live)
 
     def hold(self, image_id: str, holder: str) -> None:
         """Keep the image's layers on disk for `holder` (a container id) until release, even
@@ -377,9 +391,22 @@ class ImageStore:
             if self._holds.pop(holder, None) is None:
                 return
             doomed = self._save_and_collect()
+            live = self._live_ids()
         self._delete(doomed)
+        self._removed(live)
 
     # -- internals (callers hold self._lock unless said otherwise) -------------------------
+
+    def _live_ids(self) -> frozenset[str]:
+        return frozenset(self._images) | {hold.image_id for hold in self._holds.values()}
+
+    def _removed(self, live: frozenset[str]) -> None:
+        """Tell the removal listeners (without the lock); their failures are only logged."""
+        for listener in self._removal_listeners:
+            try:
+                listener(live)
+            except Exception:
+                log.exception("image removal listener failed")
 
     def _match(self, ref_or_id: str) -> tuple[Image, str | None] | None:
         """(image, the name that matched or None for an id)."""

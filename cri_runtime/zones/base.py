@@ -7,7 +7,7 @@ everything above it (containers, images, CRI semantics) is backend-independent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -79,6 +79,9 @@ class ZoneBackend(Protocol):
     # True: gpu-proxy discovers this backend's zones itself (Xen: a xenstore watch), so the
     # runtime registers none with ZoneControl; the quota travels in ZoneSpec.gpu.
     gpu_proxy_finds_zones: bool
+    # True: the agent cannot write the host's CRI log files (Xen: they would be in the domU);
+    # it buffers each container's log and the runtime pulls it (READ_LOG, cri_runtime/logs.py).
+    relays_logs: bool
 
     def boot(self, spec: ZoneSpec) -> ZoneInfo:
         """Start the zone and wait (up to spec.boot_timeout_s) until its agent is ready.
@@ -100,11 +103,24 @@ class ZoneBackend(Protocol):
         ...
 
     def container_rootfs(
-        self, zone_id: str, image_id: str, layers: Sequence[Path]
+        self, zone_id: str, container_id: str, image_id: str, layers: Sequence[Path]
     ) -> tuple[tuple[Path, ...], ImageDisk | None]:
         """An image's unpacked ``layers`` (host paths, lowest first) as the zone's agent will
-        see them, and the read-only disk the agent must mount first, if any (Xen); the process
-        backend's zones see the host's paths as they are."""
+        see them for ``container_id``, and the read-only disk the agent must mount first, if
+        any (Xen: attached to the zone once per image); the process backend's zones see the
+        host's paths as they are."""
+        ...
+
+    def release_rootfs(self, zone_id: str, container_id: str) -> None:
+        """The container is removed: release what ``container_rootfs`` gave the zone for it
+        (Xen: detach the image disk no other container of the zone uses). Unknown ids and
+        stopped zones are no error."""
+        ...
+
+    def prune_images(self, live: Collection[str]) -> None:
+        """Drop what the backend derived from images (Xen: their disks) for every image whose
+        id is not in ``live`` (the store's images and those containers hold), except what a
+        zone still uses."""
         ...
 
     def zone_dir(self, zone_id: str) -> Path:

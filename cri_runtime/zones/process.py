@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,6 +200,7 @@ class ProcessZoneBackend:
 
     name = "process"
     gpu_proxy_finds_zones = False
+    relays_logs = False  # the agent writes the CRI log files on this host itself
 
     def __init__(
         self,
@@ -305,10 +306,16 @@ class ProcessZoneBackend:
             return self._client(zone_id, record, self._reconnect_timeout_s)
 
     def container_rootfs(
-        self, zone_id: str, image_id: str, layers: Sequence[Path]
+        self, zone_id: str, container_id: str, image_id: str, layers: Sequence[Path]
     ) -> tuple[tuple[Path, ...], ImageDisk | None]:
         """The zone is on this host: it sees the image store's layer directories as they are."""
         return tuple(layers), None
+
+    def release_rootfs(self, zone_id: str, container_id: str) -> None:
+        """Nothing was given to the zone for a container's rootfs."""
+
+    def prune_images(self, live: Collection[str]) -> None:
+        """Nothing is derived from images here."""
 
     def zone_dir(self, zone_id: str) -> Path:
         if not ZONE_ID.match(zone_id):

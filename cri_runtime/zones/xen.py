@@ -18,7 +18,12 @@ A restarted runtime reattaches a running zone by writing a new session token: th
 re-reads the token while it serves, withdraws its stale offer and offers again
 (agent/xen.py, docs/zone-agent.md).
 
-``<root>/<zone id>/`` holds the rendered ``xl.cfg`` and ``zone.json`` (spec, domid, start time).
+Container images reach a zone as read-only disks, one per image, block-attached when the first
+container of the image is created and detached when the last is removed (zones/xen_images.py);
+the agent's CRI logs are pulled by the runtime (``relays_logs``, cri_runtime/logs.py).
+
+``<root>/<zone id>/`` holds the rendered ``xl.cfg``, ``zone.json`` (spec, domid, start time) and
+``image-disks.json``; ``<root>/.image-disks/`` the images' ext4 disks.
 gpu-proxy finds GPU zones itself (its XenZoneWatcher serves the channels they offer under
 ``data/vgpu/`` and reads their memory-limit), so the runtime registers nothing with it.
 """
@@ -33,7 +38,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,8 +49,9 @@ from cri_runtime.agent import xen as zone_keys
 from cri_runtime.agent.client import AgentClient, AgentError, AgentGone
 from cri_runtime.agent.protocol import ImageDisk
 from cri_runtime.config import XenSettings
-from cri_runtime.zones import xen_disks
+from cri_runtime.zones import xen_disks, xen_images
 from cri_runtime.zones.base import ZoneError, ZoneInfo, ZoneSpec, ZoneState
+from cri_runtime.zones.xen_images import XenImageDisks
 from cri_runtime.zones.xl import Domain, Xl
 from cri_runtime.zones.xl_config import DOMAIN_PREFIX, XlConfig, XlDisk
 from idm.channel import ChannelError
@@ -56,6 +62,7 @@ log = structlog.get_logger(__name__)
 
 ZONE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RECORD = "zone.json"
+IMAGE_DISKS = ".image-disks"  # under the root: no zone id starts with a dot
 XL_CONFIG = "xl.cfg"
 ROOT_VDEV = "xvda"
 SYSTEM_VDEV = "xvdb"
@@ -90,10 +97,11 @@ def xl_config(spec: ZoneSpec, settings: XenSettings, system_disk: Path | None = 
     """The domain for ``spec``: the pod's CPU and memory limits (never below the floor the
     zone's own kernel, agent and tmpfs need), the shared root disk, the payload disk (the
     block device ``system_disk``, default the configured one)."""
-    disks = [XlDisk(target=settings.root_disk, vdev=ROOT_VDEV)]
+    script = xen_disks.read_only_script()
+    disks = [XlDisk(target=settings.root_disk, vdev=ROOT_VDEV, script=script)]
     system_disk = system_disk or settings.system_disk
     if system_disk is not None:
-        disks.append(XlDisk(target=system_disk, vdev=SYSTEM_VDEV))
+        disks.append(XlDisk(target=system_disk, vdev=SYSTEM_VDEV, script=script))
     memory = max(spec.memory_mib, settings.min_memory_mib)
     return XlConfig(
         name=domain_name(spec.zone_id),
@@ -127,6 +135,7 @@ class XenZoneBackend:
 
     name = "xen"
     gpu_proxy_finds_zones = True
+    relays_logs = True  # the agent's log files are in the domU: the runtime pulls them
 
     def __init__(
         self,
@@ -151,6 +160,7 @@ class XenZoneBackend:
         self._lock = threading.Lock()
         self._zone_locks: dict[str, threading.RLock] = {}
         self._clients: dict[str, AgentClient] = {}
+        self._images = XenImageDisks(root / IMAGE_DISKS, self._xl, self._xs)
 
     # -- ZoneBackend --------------------------------------------------------------------------
 
@@ -222,13 +232,45 @@ class XenZoneBackend:
             return self._client(zone_id, record, self.settings.reconnect_timeout_s)
 
     def container_rootfs(
-        self, zone_id: str, image_id: str, layers: Sequence[Path]
+        self, zone_id: str, container_id: str, image_id: str, layers: Sequence[Path]
     ) -> tuple[tuple[Path, ...], ImageDisk | None]:
-        """Not yet: a Xen zone cannot see the host's layer directories; images reach it as
-        read-only disks (zones/xen_disks.py) once CreateContainer attaches them."""
-        raise ZoneError(
-            f"zone {zone_id}: container images are not yet attached to Xen zones as disks"
-        )
+        """The image as a read-only disk of the zone (zones/xen_images.py): built before the
+        zone is locked (a big image takes a while, and the zone's other calls go on), then
+        attached once per zone and image."""
+        with self._images.locked(image_id):
+            self._images.disk(image_id, layers)
+        with self._zone_lock(zone_id):
+            record = self._read_record(zone_id)
+            if record is None or not self._domain_alive(record.domid, zone_id):
+                raise ZoneError(f"zone {zone_id} is not running")
+            domid = record.domid
+            reserved = {ROOT_VDEV, SYSTEM_VDEV} if self.settings.system_disk else {ROOT_VDEV}
+            disk = self._images.attach(
+                self.zone_dir(zone_id),
+                domain_name(zone_id),
+                domid,
+                container_id,
+                image_id,
+                layers,
+                reserved=reserved,
+                alive=lambda: self._domain_alive(domid, zone_id),
+            )
+        return xen_images.zone_layers(image_id, layers), disk
+
+    def release_rootfs(self, zone_id: str, container_id: str) -> None:
+        """Detach the container's image disk when no other container of the zone uses it; a
+        zone that is gone took its disks along."""
+        if not ZONE_ID.match(zone_id):
+            return
+        with self._zone_lock(zone_id):
+            record = self._read_record(zone_id)
+            if record is None or not self._domain_alive(record.domid, zone_id):
+                return
+            self._images.detach(self.zone_dir(zone_id), domain_name(zone_id), container_id)
+
+    def prune_images(self, live: Collection[str]) -> None:
+        """Delete the disks of images neither the store nor a container holds any more."""
+        self._images.prune(live)
 
     def zone_dir(self, zone_id: str) -> Path:
         if not ZONE_ID.match(zone_id):
@@ -451,6 +493,8 @@ class XenZoneBackend:
                 self._xs.remove(zone_keys.control_host_path(domain.domid))
         if record is not None:
             self._release_loops(record)
+        with contextlib.suppress(ZoneError):
+            self._images.zone_gone(self.zone_dir(zone_id))
         shutil.rmtree(self.zone_dir(zone_id), ignore_errors=True)
         if self.zone_dir(zone_id).exists():
             raise ZoneError(f"zone {zone_id}: could not remove {self.zone_dir(zone_id)}")

@@ -5,7 +5,7 @@ A zone sees host files only through disks: the project payload (agent, idm, libv
 container image's unpacked layers become ext4 images, built once per key (``mke2fs -d``, no
 mount, no root), and reach a domain as ``phy:/dev/loopN,<vdev>,r`` in its config or through
 ``xl block-attach``. Every domain gets a loop device of its own, attached read-only; once the
-domain holds it open (its blkback did, e.g. after the zone mounted the disk),
+domain's blkback holds it open (``backend_holds``; ``release_loop_when_held`` waits for it),
 ``release_loop`` hands it to the kernel, which frees it when the last holder closes it (loop
 autoclear): a destroyed or crashed zone, or a runtime that died, never leaks a loop device.
 Disks may name ``BLOCK_RO_SCRIPT`` as their hotplug script (``block-ro`` next to this file):
@@ -25,13 +25,16 @@ import secrets
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import structlog
+from pydantic import ValidationError
 
 from cri_runtime.zones.base import ZoneError
 from cri_runtime.zones.xl import Xl
+from cri_runtime.zones.xl_config import XlDisk
 
 log = structlog.get_logger(__name__)
 
@@ -47,8 +50,11 @@ MKE2FS_TIMEOUT_S = 1800.0
 LOSETUP_TIMEOUT_S = 60.0
 STDERR_LIMIT = 2000
 SYS_BLOCK = Path("/sys/block")
+XEN_BACKEND = Path("/sys/bus/xen-backend/devices")
+HELD_TIMEOUT_S = 30.0
 # libxl hotplug script for read-only disks: what Xen's "block" does for a block device, minus
-# its sharing scan (dozens of processes per disk; ~10 s of every `xl create` under emulation).
+# its sharing scan (dozens of processes per disk: it overran libxl's 10 s hotplug timeout in
+# the emulated testbed Dom0).
 BLOCK_RO_SCRIPT = Path(__file__).resolve().parent / "block-ro"
 
 
@@ -226,6 +232,40 @@ def attach_loop(image: Path) -> Path:
     return device
 
 
+def vbd_number(vdev: str) -> int:
+    """Xen's device number for ``vdev`` (xvda 51712, xvdb 51728, ...; xvdq on extended)."""
+    if not VDEV.match(vdev):
+        raise ZoneError(f"invalid virtual device {vdev!r} (expected xvd<letters>)")
+    index = 0
+    for letter in vdev[3:]:
+        index = index * 26 + ord(letter) - ord("a") + 1
+    index -= 1
+    return (202 << 8) | (index << 4) if index < 16 else (1 << 28) | (index << 8)
+
+
+def backend_holds(domid: int, vdev: str) -> bool:
+    """Whether Dom0's blkback has opened the device behind ``domid``'s ``vdev``: it adds the
+    backend's ``physical_device`` attribute only once it holds the device, which may be a
+    moment after ``xl create``/``block-attach`` return (it reacts to a xenstore watch)."""
+    return (XEN_BACKEND / f"vbd-{domid}-{vbd_number(vdev)}" / "physical_device").exists()
+
+
+def release_loop_when_held(
+    device: Path, domid: int, vdev: str, *, timeout_s: float = HELD_TIMEOUT_S
+) -> None:
+    """``release_loop`` once ``domid``'s blkback holds ``device`` as ``vdev``; releasing it
+    earlier would free it under the domain. ZoneError (and nothing released) on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not backend_holds(domid, vdev):
+        if time.monotonic() > deadline:
+            raise ZoneError(
+                f"domain {domid}'s blkback did not open {device} as {vdev} within {timeout_s} s"
+            )
+        time.sleep(0.05)
+    if release_loop(device):
+        raise ZoneError(f"{device} was freed on release: domain {domid} no longer holds it")
+
+
 def release_loop(device: Path) -> bool:
     """``losetup -d``: frees ``device`` now if nothing holds it open (True), or marks it to be
     freed by the kernel when its last holder (a domain's blkback) closes it (False)."""
@@ -241,19 +281,22 @@ def release_loop(device: Path) -> bool:
 # -- domains -----------------------------------------------------------------------------------
 
 
+def read_only_script() -> Path | None:
+    """BLOCK_RO_SCRIPT where it can run (an installed package keeps its mode), else None: xl's
+    default ``block`` script, correct but slow (its sharing scan forks dozens of processes)."""
+    return BLOCK_RO_SCRIPT if os.access(BLOCK_RO_SCRIPT, os.X_OK) else None
+
+
 def disk_spec(device: Path, vdev: str, *, script: Path | None = None) -> str:
     """The xl disk spec of a read-only block device: ``phy:/dev/loopN,<vdev>,r``, or with
     ``script`` (e.g. BLOCK_RO_SCRIPT) the keyword form xl needs to name a hotplug script."""
-    if not VDEV.match(vdev):
-        raise ZoneError(f"invalid virtual device {vdev!r} (expected xvd<letters>)")
-    text = str(device)
-    if not text.startswith("/dev/") or "," in text or any(c.isspace() for c in text):
-        raise ZoneError(f"invalid block device {text!r} for a disk spec")
-    if script is None:
-        return f"phy:{text},{vdev},r"
-    if not script.is_absolute() or "," in str(script) or any(c.isspace() for c in str(script)):
-        raise ZoneError(f"invalid hotplug script path {str(script)!r}")
-    return f"vdev={vdev},access=r,script={script},target={text}"
+    if not str(device).startswith("/dev/"):
+        raise ZoneError(f"invalid block device {str(device)!r} for a disk spec")
+    try:
+        disk = XlDisk(target=PurePosixPath(device), vdev=vdev, script=script)
+    except ValidationError as exc:
+        raise ZoneError(f"invalid disk {device} as {vdev}: {exc.errors()[0]['msg']}") from exc
+    return disk.render()
 
 
 def block_attach(

@@ -31,7 +31,7 @@ PVH_CPUID = "host,rdtscp=0"
 # A zone id (cri_runtime.zones.base.ZoneSpec) behind the prefix: never all digits, which xl
 # would read as a domid.
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_VDEV = re.compile(r"xvd[a-z]{1,2}")
+_VDEV = re.compile(r"^xvd[a-z]{1,2}$")
 # Characters that could end an xl string or line, or confuse a disk spec's own syntax.
 _UNSAFE = re.compile(r"[\"'\\\x00-\x1f\x7f]")
 
@@ -63,21 +63,23 @@ AbsolutePath = Annotated[PurePosixPath, AfterValidator(_absolute)]
 
 
 class XlDisk(BaseModel):
-    """One disk in xl's positional form ``phy:<target>,<vdev>,<access>`` (xl-disk-configuration:
-    the ``phy:`` prefix names the backend; a block device or a file libxl attaches itself)."""
+    """One disk (xl-disk-configuration): ``phy:<target>,<vdev>,<access>``, or with a hotplug
+    ``script`` the keyword form ``vdev=..,access=..,script=..,target=..`` (the positional form
+    cannot name one; zones' read-only disks use xen_disks.BLOCK_RO_SCRIPT)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     target: AbsolutePath
     vdev: str = Field(pattern=_VDEV.pattern)
     readonly: bool = True
+    script: AbsolutePath | None = None
 
-    @field_validator("target")
+    @field_validator("target", "script")
     @classmethod
-    def _no_separators(cls, target: PurePosixPath) -> PurePosixPath:
-        if "," in str(target) or any(c.isspace() for c in str(target)):
-            raise ValueError(f"disk target {str(target)!r} must not contain ',' or whitespace")
-        return target
+    def _no_separators(cls, path: PurePosixPath | None) -> PurePosixPath | None:
+        if path is not None and ("," in str(path) or any(c.isspace() for c in str(path))):
+            raise ValueError(f"disk path {str(path)!r} must not contain ',' or whitespace")
+        return path
 
     @classmethod
     def parse(cls, spec: str) -> XlDisk:
@@ -96,7 +98,10 @@ class XlDisk(BaseModel):
         return cls(target=PurePosixPath(target), vdev=vdev, readonly=access in ("r", "ro"))
 
     def render(self) -> str:
-        return f"phy:{self.target},{self.vdev},{'r' if self.readonly else 'rw'}"
+        access = "r" if self.readonly else "rw"
+        if self.script is None:
+            return f"phy:{self.target},{self.vdev},{access}"
+        return f"vdev={self.vdev},access={access},script={self.script},target={self.target}"
 
 
 class XlConfig(BaseModel):

@@ -22,7 +22,9 @@ import pytest
 
 from cri_runtime.agent import protocol as p
 from cri_runtime.agent.client import AgentClient, AgentError
+from cri_runtime.agent.crilog import LOG_BUFFER_BYTES
 from cri_runtime.agent.protocol import AgentStatus, ContainerState
+from cri_runtime.logs import LogRelay
 from cri_runtime.zones import pids
 from cri_runtime.zones.base import GpuAccess, NetworkMode, ZoneError, ZoneSpec, ZoneState
 from cri_runtime.zones.process import ProcessZoneBackend
@@ -846,3 +848,33 @@ def test_two_zones_at_once(backend: ProcessZoneBackend, layer: Path, tmp_path: P
     backend.stop(zones[0].zone_id, grace_s=0)
     assert [z.zone_id for z in backend.list()] == [zones[1].zone_id]
     assert zones[1].agent.status(specs[1].container_id).state == ContainerState.RUNNING
+
+
+def test_a_relayed_log_reaches_the_host_file_whole(zone: Zone, tmp_path: Path) -> None:
+    """Xen zones' logs: the agent buffers (log_relay), the runtime's LogRelay pulls. More output
+    than the agent's buffer holds, partial lines, both streams, and the tail after the exit."""
+    size = LOG_BUFFER_BYTES + (1 << 20)
+    script = f"echo first; echo oops >&2; head -c {size} /dev/zero | tr '\\0' a; echo; printf end"
+    spec = zone.spec("sh", "-c", script, log_relay=True, log_path=None)
+    host_log = tmp_path / "relayed.log"
+    relay = LogRelay(tmp_path / "offsets", lambda _: zone.agent, lambda _: True, interval_s=0.05)
+    relay.track(spec.container_id, zone.zone_id, host_log)
+    try:
+        zone.agent.create(spec)
+        zone.agent.start(spec.container_id)
+        info = wait_exited(zone.agent, spec.container_id)
+        assert relay.drain(spec.container_id, timeout_s=30)
+    finally:
+        relay.close()
+    assert info.exit_code == 0
+    entries = log_entries(host_log)
+    assert entries[0] == ("stdout", "F", b"first") and ("stderr", "F", b"oops") in entries
+    assert entries[-1] == ("stdout", "F", b"end")
+    big = [e for e in entries if e[2][:1] == b"a"]
+    assert b"".join(e[2] for e in big) == b"a" * size
+    assert {tag for _, tag, _ in big[:-1]} == {"P"} and big[-1][1] == "F"
+    # the file the agent writes for unrelayed containers is not made
+    assert list(zone.logs.iterdir()) == []
+    other = zone.run("true")
+    with pytest.raises(AgentError, match="not relayed"):
+        zone.agent.read_log(other.container_id, None)

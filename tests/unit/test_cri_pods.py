@@ -30,6 +30,7 @@ CID = "b" * 64
 
 class FakeBackend:
     name = "fake"
+    relays_logs = False
 
     def __init__(self) -> None:
         self.stopped: list[str] = []
@@ -42,6 +43,9 @@ class FakeBackend:
 
     def list(self) -> list[Any]:
         return []
+
+    def release_rootfs(self, zone_id: str, container_id: str) -> None:
+        pass
 
 
 class FakeGpu:

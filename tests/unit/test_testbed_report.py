@@ -70,6 +70,12 @@ def test_qemu_and_xen_settings_the_testbed_relies_on(tmp_path: Path) -> None:
     assert "-no-reboot" in cmd  # Dom0's final reboot ends QEMU
     assert "spec-ctrl=eager-fpu" in cmd  # lazy FPU corrupts Dom0 programs under TCG
     assert "snapshot=on" in cmd  # the cached image never changes
+    # the zones' root disk: the same image again, read-only (Dom0's /dev/vdb)
+    drives = [a for a in qemu_command(Image(tmp_path), tmp_path) if a.startswith("file=")]
+    assert drives == [
+        f"file={tmp_path / 'dom0.ext4'},format=raw,if=virtio,snapshot=on",
+        f"file={tmp_path / 'dom0.ext4'},format=raw,if=virtio,readonly=on",
+    ]
 
 
 def test_dom0_python_uses_the_project_pins() -> None:

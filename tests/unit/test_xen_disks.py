@@ -22,6 +22,8 @@ from cri_runtime.zones.xen_disks import (
     loop_backing_file,
     loops_of,
     release_loop,
+    release_loop_when_held,
+    vbd_number,
 )
 from cri_runtime.zones.xl import Xl
 
@@ -138,13 +140,13 @@ def test_disk_spec_and_its_refusals() -> None:
         disk_spec(Path("/dev/loop3"), "xvdb", script=Path("/opt/block-ro"))
         == "vdev=xvdb,access=r,script=/opt/block-ro,target=/dev/loop3"
     )
-    with pytest.raises(ZoneError, match="invalid hotplug script"):
+    with pytest.raises(ZoneError, match="must be an absolute path"):
         disk_spec(Path("/dev/loop3"), "xvdb", script=Path("block-ro"))
     for device, vdev, error in [
-        (Path("/dev/loop3"), "sda", "invalid virtual device"),
-        (Path("/dev/loop3"), "xvdb,w", "invalid virtual device"),
+        (Path("/dev/loop3"), "sda", "should match pattern"),
+        (Path("/dev/loop3"), "xvdb,w", "should match pattern"),
         (Path("/tmp/disk"), "xvdb", "invalid block device"),
-        (Path("/dev/loop3,xvdc"), "xvdb", "invalid block device"),
+        (Path("/dev/loop3,xvdc"), "xvdb", "must not contain ','"),
     ]:
         with pytest.raises(ZoneError, match=error):
             disk_spec(device, vdev)
@@ -280,3 +282,21 @@ def test_block_ro_refuses_writable_and_non_block_disks(tmp_path: Path) -> None:
     (tmp_path / "writes").unlink()
     rc, writes = run_block_ro(tmp_path, str(tmp_path), "r")
     assert rc == 1 and "is not a block device" in writes
+
+
+def test_vbd_numbers_follow_xens_scheme() -> None:
+    assert [vbd_number(v) for v in ("xvda", "xvdb", "xvdp")] == [51712, 51728, 51952]
+    assert vbd_number("xvdq") == (1 << 28) | (16 << 8)  # extended format from xvdq on
+    assert vbd_number("xvdaa") == (1 << 28) | (26 << 8)
+    with pytest.raises(ZoneError, match="invalid virtual device"):
+        vbd_number("hda")
+
+
+def test_a_loop_device_no_domain_holds_is_not_released(image: Path) -> None:
+    device = attach_loop(image)
+    try:
+        with pytest.raises(ZoneError, match="did not open"):
+            release_loop_when_held(device, 32000, "xvdb", timeout_s=0.2)
+        assert loop_backing_file(device) == image.resolve()
+    finally:
+        release_loop(device)

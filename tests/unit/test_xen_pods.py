@@ -21,6 +21,7 @@ class DiscoveredZones:
 
     name = "xen-like"
     gpu_proxy_finds_zones = True
+    relays_logs = True
 
     def __init__(self) -> None:
         self.booted: list[ZoneSpec] = []

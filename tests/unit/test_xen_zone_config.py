@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from cri_runtime.agent.xen import ZoneAgentSettings
 from cri_runtime.config import XenSettings
+from cri_runtime.zones import xen_disks
 from cri_runtime.zones.base import GpuAccess, ZoneError, ZoneSpec
 from cri_runtime.zones.xen import agent_settings, domain_name, xl_config, zone_of
 from cri_runtime.zones.xl import Xl, parse_list
@@ -202,7 +203,11 @@ def test_a_zone_spec_becomes_its_domain() -> None:
     rendered = xl_config(spec, settings()).render()
     assert f'name = "vgpu-{"a" * 64}"' in rendered
     assert "vcpus = 3" in rendered and "memory = 1024" in rendered
-    assert 'disk = [ "phy:/dev/vdb,xvda,r", "phy:/dev/loop0,xvdb,r" ]' in rendered
+    script = xen_disks.BLOCK_RO_SCRIPT  # both disks are read-only: the short hotplug script
+    assert (
+        f'disk = [ "vdev=xvda,access=r,script={script},target=/dev/vdb", '
+        f'"vdev=xvdb,access=r,script={script},target=/dev/loop0" ]'
+    ) in rendered
 
 
 def test_small_pods_get_the_zone_memory_floor() -> None:
@@ -236,3 +241,10 @@ def test_agent_settings_follow_the_spec() -> None:
     assert ZoneAgentSettings.model_validate_json(made.model_dump_json()) == made
     with pytest.raises(ValidationError):
         ZoneAgentSettings.model_validate_json('{"hostname": "x", "privileged": true}')
+
+
+@pytest.mark.parametrize("vdev", ["xvdb,w", "sda", "xvdb\n", "axvdb", "xvdabc"])
+def test_a_disk_vdev_is_the_whole_name_or_refused(vdev: str) -> None:
+    """Pydantic's pattern searches: an unanchored one let "xvdb,w" smuggle an access mode in."""
+    with pytest.raises(ValidationError):
+        XlDisk(target=PurePosixPath("/dev/loop0"), vdev=vdev)

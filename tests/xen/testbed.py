@@ -15,9 +15,18 @@ share (9p) holding the payload (the checkout's files as a tar) and receiving the
 command's exit code, Dom0's log, guest consoles, and whatever the command writes to
 $TESTBED_SHARE. The serial log holds Xen's and the Dom0 kernel's consoles. The root disk is
 attached with snapshot=on, so the cached image never changes.
+
+Zones (issue 7) boot from the same image: QEMU attaches dom0.ext4 a second time, read-only, as
+Dom0's /dev/vdb (never mounted in Dom0: a pristine copy), the root disk every zone shares; the
+zone initramfs is built on the host for each run from the image's kernel and modules
+(kernel_builder/zone_initramfs.py) and put in the share (share/zone/); the zones' kernel is the
+image's guest vmlinux (/opt/testbed/guest/vmlinux, the same kernel). The image key does not
+depend on the zone initramfs, so changing it costs no image rebuild.
 """
 
 import argparse
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -28,9 +37,12 @@ import sys
 import tarfile
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernel_builder import BootImageError
+from kernel_builder.zone_initramfs import build_zone_image
 from tests.xen.guest.build import build_guest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +65,37 @@ DOM0_PACKAGES = [
     "kmod",
     "busybox",
     "procps",
+    "runc",  # the zone agent runs containers in domUs whose root is a copy of this image
+    "e2fsprogs",  # mke2fs -d: read-only ext4 disks of image rootfs for zones
+    "docker-registry",  # the real OCI registry the Dom0 pod tests pull from (on loopback)
 ]
 # What the Dom0 side of the tests imports; versions come from pyproject.toml (one place).
-DOM0_PYTHON = ["cffi", "pydantic", "structlog", "pyxs", "pytest", "pytest-timeout", "hypothesis"]
-HOST_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "mmdebstrap": "mmdebstrap"}
+DOM0_PYTHON = [
+    "cffi",
+    "pydantic",
+    "pydantic-settings",
+    "structlog",
+    "pyxs",
+    "grpcio",
+    "protobuf",
+    "prometheus-client",
+    "zstandard",
+    "cuda-bindings",  # gpu-proxy imports it (CUresult names) even with the sim backend
+    "pytest",
+    "pytest-timeout",
+    "hypothesis",
+]
+HOST_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "mmdebstrap": "mmdebstrap",
+    "debugfs": "e2fsprogs",  # reads the zone initramfs's modules out of dom0.ext4
+}
 
 XEN_ARGS = "dom0_mem=1024M,max:1024M console=com1 com1=115200,8n1 spec-ctrl=eager-fpu loglvl=all"
 DOM0_ARGS = "root=/dev/vda rw console=hvc0 earlyprintk=xen init=/opt/testbed/init quiet"
+# Where Dom0 finds the zones' boot pieces (tests/xen/dom0/zone_image.py reads them).
+ZONE_SHARE_DIR = "zone"
+ZONE_ROOT_DISK = "/dev/vdb"
 
 
 class TestbedError(RuntimeError):
@@ -158,14 +194,21 @@ def image_key() -> str:
     h = hashlib.sha256()
     for part in (str(IMAGE_FORMAT), *SUITES, *DOM0_PACKAGES, *python_pins()):
         h.update(part.encode() + b"\0")
-    for path in sorted([HERE / "dom0_init.sh", *(HERE / "guest").glob("*")]):
+    # The guest is built with kernel_builder's pieces; the zone initramfs (built per run, not
+    # part of the image) is left out so that changing it costs no image rebuild.
+    guest_build = [ROOT / "kernel_builder" / f"{m}.py" for m in ("__init__", "cpio", "elf", "kmod")]
+    for path in sorted([HERE / "dom0_init.sh", *(HERE / "guest").glob("*"), *guest_build]):
         if path.is_file() and path.suffix != ".pyc":
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def check_host_tools() -> None:
-    missing = [pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None]
+    missing = [
+        pkg
+        for tool, pkg in HOST_TOOLS.items()
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None
+    ]
     if missing:
         raise TestbedError(
             f"missing host packages: {' '.join(missing)} (scripts/setup.sh installs)"
@@ -190,12 +233,28 @@ def _run(
     raise TestbedError(f"{what} failed (exit {proc.returncode}); see {log}:\n{tail}")
 
 
+@contextlib.contextmanager
+def _build_lock(cache: Path) -> Iterator[None]:
+    """One image build at a time per cache: concurrent builds of one key share a work dir."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_image(cache: Path = CACHE, *, log: bool = True) -> Image:
     """The cached image for the current inputs, built first if needed (~2-3 min cold)."""
     check_host_tools()
     image = Image(cache / image_key())
     if (image.dir / "ready").exists():
         return image
+    with _build_lock(cache):
+        if (image.dir / "ready").exists():
+            return image  # built by whoever held the lock
+        return _build_image(image, cache, log=log)
+
+
+def _build_image(image: Image, cache: Path, *, log: bool) -> Image:
     started = time.monotonic()
     work = cache / f"building-{image.dir.name}"
     shutil.rmtree(work, ignore_errors=True)
@@ -284,7 +343,12 @@ def payload_files() -> list[str]:
     built = [str(p.relative_to(ROOT)) for p in (ROOT / "idm").rglob("*.so")]
     if not built:
         raise TestbedError("no built C extensions: run `python -m idm.build` first")
-    return sorted({*files, *built})
+    # libvgpu's build output goes to zones on their payload disk, if it has been built.
+    libvgpu = [str(p.relative_to(ROOT)) for p in (ROOT / "libvgpu" / "build").glob("*.so*")]
+    # C programs the dom0 suite runs (tests/xen/dom0_programs.py), if they have been built.
+    dom0 = (ROOT / "build" / "dom0").rglob("*")
+    programs = [str(p.relative_to(ROOT)) for p in dom0 if not p.is_dir()]
+    return sorted({*files, *built, *libvgpu, *programs})
 
 
 def qemu_command(image: Image, share: Path) -> list[str]:
@@ -300,6 +364,8 @@ def qemu_command(image: Image, share: Path) -> list[str]:
         "-append", XEN_ARGS,
         "-initrd", f"{image.kernel} {DOM0_ARGS},{image.initrd}",
         "-drive", f"file={image.disk},format=raw,if=virtio,snapshot=on",
+        # /dev/vdb: the zones' shared root disk, never mounted in Dom0, never writable.
+        "-drive", f"file={image.disk},format=raw,if=virtio,readonly=on",
         "-virtfs", f"local,path={share},mount_tag=share,security_model=none,id=share",
     ]  # fmt: skip
 
@@ -322,6 +388,10 @@ def run(command: str, *, image: Image, out_dir: Path, timeout_s: float = 1200) -
     with tarfile.open(share / "payload.tar", "w") as tar:
         for name in payload_files():
             tar.add(ROOT / name, arcname=name)
+    try:
+        build_zone_image(image.disk, share / ZONE_SHARE_DIR, with_kernel=False)
+    except BootImageError as e:
+        raise TestbedError(f"building the zone initramfs failed: {e}") from e
     (share / "command.sh").write_text(command + "\n")
     started = time.monotonic()
     timed_out = False
