@@ -10,7 +10,6 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any, TypeVar
 
 import grpc
@@ -25,6 +24,7 @@ from cri_runtime.images import errors as image_errors
 from cri_runtime.pods import PodManager
 from cri_runtime.state import ContainerRecord, ContainerState, SandboxRecord, SandboxState
 from cri_runtime.zones.base import ZoneError
+from vgpu_common.version import project_version
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -157,7 +157,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         return api_pb2.VersionResponse(
             version="0.1.0",
             runtime_name=RUNTIME_NAME,
-            runtime_version=metadata.version("vgpu-isolated"),
+            runtime_version=project_version(),
             runtime_api_version=API_VERSION,
         )
 

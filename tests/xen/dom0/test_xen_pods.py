@@ -30,7 +30,8 @@ from devkit.registry import LocalRegistry
 from tests.xen import pod_image
 from tests.xen.dom0.zone_image import zone_boot
 
-pytestmark = pytest.mark.dom0
+# Zones boot in tens of seconds under emulation; a pod test boots up to two.
+pytestmark = [pytest.mark.dom0, pytest.mark.timeout(1500)]
 
 GPU_HANDLER = "vgpu-isolated"
 GPU_MEMORY = "vgpu-isolated.io/gpu-memory"
@@ -84,9 +85,15 @@ def gntdev_mappings(pid: int) -> int:
     )
 
 
+def loopback_up() -> None:
+    """The testbed's Dom0 init brings up no network: the registry and gRPC need ``lo``."""
+    subprocess.run(["busybox", "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def stack(payload_disk: Path) -> Iterator[Stack]:
     boot = zone_boot()
+    loopback_up()
     base = Path(tempfile.mkdtemp(prefix="xp-", dir="/tmp"))
     registry = LocalRegistry(base / "registry").start()
     image = pod_image.push(registry, "test/hello-vgpu", "1")
