@@ -39,13 +39,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 import cri_runtime
 from cri_runtime.agent import cgroups
@@ -53,7 +53,7 @@ from cri_runtime.agent.client import AgentClient, AgentError, AgentGone
 from cri_runtime.agent.protocol import ImageDisk
 from cri_runtime.agent.rootfs import unmount
 from cri_runtime.agent.standby import STANDBY_FLAG
-from cri_runtime.zones import pids
+from cri_runtime.zones import pids, records
 from cri_runtime.zones.base import NetworkMode, ZoneError, ZoneInfo, ZoneSpec, ZoneState
 from cri_runtime.zones.pids import ProcessIdentity
 from idm.channel import ChannelError
@@ -62,7 +62,6 @@ from idm.links.local import LocalListener
 log = structlog.get_logger(__name__)
 
 ZONE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RECORD = "zone.json"
 CONTROL_SOCKET = "control.sock"
 AGENT_LOG = "agent.log"
 STANDBY_DIR = ".standby"  # not a zone id: list() never sees standbys
@@ -237,7 +236,7 @@ class ProcessZoneBackend:
             os.close(self._lock_fd)
             raise ZoneError(f"another process zone backend is using {root}") from None
         self._lock = threading.Lock()
-        self._zone_locks: dict[str, threading.RLock] = {}
+        self._zone_locks = records.KeyedLocks(threading.RLock)
         self._connections: dict[str, _Connection] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._standby_target = standby
@@ -256,7 +255,7 @@ class ProcessZoneBackend:
     # -- ZoneBackend --------------------------------------------------------------------------
 
     def boot(self, spec: ZoneSpec) -> ZoneInfo:
-        with self._zone_lock(spec.zone_id):
+        with self._zone_locks.hold(spec.zone_id):
             record = self._read_record(spec.zone_id)
             if (
                 record is not None
@@ -272,7 +271,7 @@ class ProcessZoneBackend:
     def stop(self, zone_id: str, *, grace_s: float) -> None:
         if not ZONE_ID.match(zone_id):
             return
-        with self._zone_lock(zone_id):
+        with self._zone_locks.hold(zone_id):
             if not self.zone_dir(zone_id).exists():
                 self._forget(zone_id)
                 return
@@ -299,7 +298,7 @@ class ProcessZoneBackend:
         return zones
 
     def agent(self, zone_id: str) -> AgentClient:
-        with self._zone_lock(zone_id):
+        with self._zone_locks.hold(zone_id):
             record = self._read_record(zone_id)
             if record is None or self._state(record) != ZoneState.RUNNING:
                 raise ZoneError(f"zone {zone_id} is not running")
@@ -616,22 +615,10 @@ class ProcessZoneBackend:
     # -- records ------------------------------------------------------------------------------
 
     def _read_record(self, zone_id: str) -> ZoneRecord | None:
-        try:
-            return ZoneRecord.model_validate_json((self.zone_dir(zone_id) / RECORD).read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValidationError) as exc:
-            log.warning("unreadable zone record", zone_id=zone_id, error=str(exc))
-            return None
+        return records.read_record(self.zone_dir(zone_id), ZoneRecord)
 
     def _write_record(self, record: ZoneRecord, directory: Path) -> None:
-        path = directory / RECORD
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "w") as f:
-            f.write(record.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        records.write_record(directory, record)
 
     def _alive(self, record: ZoneRecord) -> bool:
         return pids.alive(record.agent or record.unshare)
@@ -649,13 +636,6 @@ class ProcessZoneBackend:
 
     def _agent_log_tail(self, zone_id: str) -> str:
         return _tail(self.zone_dir(zone_id) / AGENT_LOG)
-
-    @contextlib.contextmanager
-    def _zone_lock(self, zone_id: str) -> Iterator[None]:
-        with self._lock:
-            lock = self._zone_locks.setdefault(zone_id, threading.RLock())
-        with lock:
-            yield
 
     def _forget(self, zone_id: str) -> None:
         with self._lock:

@@ -38,18 +38,18 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from cri_runtime.agent import xen as zone_keys
 from cri_runtime.agent.client import AgentClient, AgentError, AgentGone
 from cri_runtime.agent.protocol import ImageDisk
 from cri_runtime.config import XenSettings
-from cri_runtime.zones import xen_disks, xen_images
+from cri_runtime.zones import records, xen_disks, xen_images
 from cri_runtime.zones.base import ZoneError, ZoneInfo, ZoneSpec, ZoneState
 from cri_runtime.zones.xen_images import XenImageDisks
 from cri_runtime.zones.xl import Domain, Xl
@@ -61,7 +61,6 @@ from idm.xen.xenstore import Xenstore, XenstoreError
 log = structlog.get_logger(__name__)
 
 ZONE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RECORD = "zone.json"
 IMAGE_DISKS = ".image-disks"  # under the root: no zone id starts with a dot
 XL_CONFIG = "xl.cfg"
 ROOT_VDEV = "xvda"
@@ -158,14 +157,14 @@ class XenZoneBackend:
         except XenstoreError as exc:
             raise ZoneError(f"the Xen zone backend needs xenstore (run it in Dom0): {exc}") from exc
         self._lock = threading.Lock()
-        self._zone_locks: dict[str, threading.RLock] = {}
+        self._zone_locks = records.KeyedLocks(threading.RLock)
         self._clients: dict[str, AgentClient] = {}
         self._images = XenImageDisks(root / IMAGE_DISKS, self._xl, self._xs)
 
     # -- ZoneBackend --------------------------------------------------------------------------
 
     def boot(self, spec: ZoneSpec) -> ZoneInfo:
-        with self._zone_lock(spec.zone_id):
+        with self._zone_locks.hold(spec.zone_id):
             record = self._read_record(spec.zone_id)
             domain = self._xl.domain(domain_name(spec.zone_id))
             if (
@@ -187,7 +186,7 @@ class XenZoneBackend:
     def stop(self, zone_id: str, *, grace_s: float) -> None:
         if not ZONE_ID.match(zone_id):
             return
-        with self._zone_lock(zone_id):
+        with self._zone_locks.hold(zone_id):
             domain = self._xl.domain(domain_name(zone_id))
             if domain is None and not self.zone_dir(zone_id).exists():
                 self._drop_client(zone_id)
@@ -225,7 +224,7 @@ class XenZoneBackend:
         return [zones[z] for z in sorted(zones)]
 
     def agent(self, zone_id: str) -> AgentClient:
-        with self._zone_lock(zone_id):
+        with self._zone_locks.hold(zone_id):
             record = self._read_record(zone_id)
             if record is None or not self._domain_alive(record.domid, zone_id):
                 raise ZoneError(f"zone {zone_id} is not running")
@@ -239,7 +238,7 @@ class XenZoneBackend:
         attached once per zone and image."""
         with self._images.locked(image_id):
             self._images.disk(image_id, layers)
-        with self._zone_lock(zone_id):
+        with self._zone_locks.hold(zone_id):
             record = self._read_record(zone_id)
             if record is None or not self._domain_alive(record.domid, zone_id):
                 raise ZoneError(f"zone {zone_id} is not running")
@@ -262,7 +261,7 @@ class XenZoneBackend:
         zone that is gone took its disks along."""
         if not ZONE_ID.match(zone_id):
             return
-        with self._zone_lock(zone_id):
+        with self._zone_locks.hold(zone_id):
             record = self._read_record(zone_id)
             if record is None or not self._domain_alive(record.domid, zone_id):
                 return
@@ -553,22 +552,10 @@ class XenZoneBackend:
         )
 
     def _read_record(self, zone_id: str) -> XenZoneRecord | None:
-        try:
-            return XenZoneRecord.model_validate_json((self.zone_dir(zone_id) / RECORD).read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValidationError) as exc:
-            log.warning("unreadable zone record", zone_id=zone_id, error=str(exc))
-            return None
+        return records.read_record(self.zone_dir(zone_id), XenZoneRecord)
 
     def _write_record(self, record: XenZoneRecord) -> None:
-        path = self.zone_dir(record.spec.zone_id) / RECORD
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "w") as f:
-            f.write(record.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        records.write_record(self.zone_dir(record.spec.zone_id), record)
 
     def _console_tail(self, zone_id: str) -> str:
         """The zone's console (xenconsoled's guest log), for a boot error's message."""
@@ -581,10 +568,3 @@ class XenZoneBackend:
         except OSError:
             return ""
         return f"; console ({path}):\n{text}"
-
-    @contextlib.contextmanager
-    def _zone_lock(self, zone_id: str) -> Iterator[None]:
-        with self._lock:
-            lock = self._zone_locks.setdefault(zone_id, threading.RLock())
-        with lock:
-            yield

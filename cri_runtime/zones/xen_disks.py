@@ -24,7 +24,6 @@ import re
 import secrets
 import shutil
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -33,6 +32,7 @@ import structlog
 from pydantic import ValidationError
 
 from cri_runtime.zones.base import ZoneError
+from cri_runtime.zones.tools import run_tool
 from cri_runtime.zones.xl import Xl
 from cri_runtime.zones.xl_config import XlDisk
 
@@ -48,7 +48,6 @@ SIZE_MARGIN = 1.15
 MIN_SIZE_MIB = 8
 MKE2FS_TIMEOUT_S = 1800.0
 LOSETUP_TIMEOUT_S = 60.0
-STDERR_LIMIT = 2000
 SYS_BLOCK = Path("/sys/block")
 XEN_BACKEND = Path("/sys/bus/xen-backend/devices")
 HELD_TIMEOUT_S = 30.0
@@ -56,28 +55,6 @@ HELD_TIMEOUT_S = 30.0
 # its sharing scan (dozens of processes per disk: it overran libxl's 10 s hotplug timeout in
 # the emulated testbed Dom0).
 BLOCK_RO_SCRIPT = Path(__file__).resolve().parent / "block-ro"
-
-
-def _run(command: list[str], what: str, timeout_s: float) -> str:
-    """stdout of ``command``; ZoneError naming ``what`` with the tool's stderr otherwise."""
-    try:
-        proc = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout_s,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise ZoneError(f"{what}: {command[0]} did not finish within {timeout_s:.0f} s") from None
-    except OSError as exc:
-        raise ZoneError(f"{what}: cannot run {command[0]}: {exc}") from None
-    if proc.returncode != 0:
-        why = proc.stderr.strip() or proc.stdout.strip() or "no message"
-        raise ZoneError(f"{what}: {' '.join(command)} failed (exit {proc.returncode}): "
-                        f"{why[-STDERR_LIMIT:]}")  # fmt: skip
-    return proc.stdout
 
 
 # -- ext4 images -------------------------------------------------------------------------------
@@ -133,7 +110,7 @@ def build_ext4(source: Path, dest: Path, *, label: str = "") -> Path:
                 f"{size >> 10}k",
             ]  # fmt: skip
             try:
-                _run(command, f"making an ext4 image of {source}", MKE2FS_TIMEOUT_S)
+                run_tool(command, MKE2FS_TIMEOUT_S, what=f"making an ext4 image of {source}")
                 break
             except ZoneError as exc:
                 # The estimate is generous; a tree it misjudges gets one try at twice the size.
@@ -222,9 +199,12 @@ def attach_loop(image: Path) -> Path:
         raise ZoneError(f"cannot attach {image}: no such image file")
     if not Path("/dev/loop-control").exists():
         # Without udev (a minimal Dom0) nothing loads the loop driver on demand.
-        _run(["modprobe", "loop"], "loading the loop driver", LOSETUP_TIMEOUT_S)
-    out = _run(["losetup", "-r", "--find", "--show", str(image)],
-               f"attaching {image} to a loop device", LOSETUP_TIMEOUT_S)  # fmt: skip
+        run_tool(["modprobe", "loop"], LOSETUP_TIMEOUT_S, what="loading the loop driver")
+    out = run_tool(
+        ["losetup", "-r", "--find", "--show", str(image)],
+        LOSETUP_TIMEOUT_S,
+        what=f"attaching {image} to a loop device",
+    )
     device = Path(out.strip())
     if not LOOP_DEVICE.match(str(device)):
         raise ZoneError(f"losetup gave {out.strip()!r} for {image}, not a loop device")
@@ -272,7 +252,7 @@ def release_loop(device: Path) -> bool:
     _loop_sysfs(device)
     if loop_backing_file(device) is None:
         return True
-    _run(["losetup", "-d", str(device)], f"releasing {device}", LOSETUP_TIMEOUT_S)
+    run_tool(["losetup", "-d", str(device)], LOSETUP_TIMEOUT_S, what=f"releasing {device}")
     freed = loop_backing_file(device) is None
     log.info("loop device released", device=str(device), freed_now=freed)
     return freed

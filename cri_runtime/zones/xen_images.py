@@ -37,7 +37,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cri_runtime.agent.protocol import ImageDisk
-from cri_runtime.zones import xen_disks
+from cri_runtime.zones import records, xen_disks
 from cri_runtime.zones.base import ZoneError
 from cri_runtime.zones.xl import Xl
 from idm.xen.xenstore import Xenstore, XenstoreError
@@ -192,8 +192,7 @@ class XenImageDisks:
         self._xl = xl
         self._xs = xs
         self._connect_timeout_s = connect_timeout_s
-        self._guard = threading.Lock()
-        self._image_locks: dict[str, threading.Lock] = {}
+        self._image_locks = records.KeyedLocks(threading.Lock)
         self._script = xen_disks.read_only_script()
         self.remove_staging()
 
@@ -228,9 +227,7 @@ class XenImageDisks:
     @contextlib.contextmanager
     def locked(self, image_id: str) -> Iterator[None]:
         """Holds off ``prune`` and other builds of the image (one runtime per root)."""
-        with self._guard:
-            lock = self._image_locks.setdefault(image_hex(image_id), threading.Lock())
-        with lock:
+        with self._image_locks.hold(image_hex(image_id)):
             yield
 
     def prune(self, live: Collection[str]) -> list[str]:
@@ -398,10 +395,4 @@ def read_state(zone_dir: Path) -> ZoneImageDisks:
 
 
 def write_state(zone_dir: Path, state: ZoneImageDisks) -> None:
-    path = zone_dir / STATE_FILE
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w") as f:
-        f.write(state.model_dump_json(indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    records.write_json(zone_dir / STATE_FILE, state)

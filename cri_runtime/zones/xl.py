@@ -11,13 +11,13 @@ exact.
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from cri_runtime.zones.base import ZoneError
+from cri_runtime.zones.tools import run_tool
 
 log = structlog.get_logger(__name__)
 
@@ -25,7 +25,6 @@ DEFAULT_TIMEOUT_S = 60.0
 # `xl create` runs the bootloader-free PV build (kernel load, page tables) in Dom0: seconds
 # under emulation, with libxl's lock possibly held by another create.
 CREATE_TIMEOUT_S = 180.0
-STDERR_LIMIT = 2000
 _HEADER = re.compile(r"Name\s+ID\s+Mem\s+VCPUs\s+State\s+Time\(s\)")
 _STATE = re.compile(r"[r-][b-][p-][s-][c-][d-]")
 
@@ -79,29 +78,7 @@ class Xl:
 
     def run(self, *args: str, timeout_s: float | None = None) -> str:
         """xl's stdout; ZoneError with its stderr (or the timeout) otherwise."""
-        command = [self.binary, *args]
-        limit = timeout_s or self.timeout_s
-        try:
-            proc = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=limit,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise ZoneError(
-                f"{' '.join(command)} did not finish within {limit:.0f} s{_stderr_tail(exc.stderr)}"
-            ) from None
-        except OSError as exc:
-            raise ZoneError(f"cannot run {self.binary}: {exc}") from None
-        if proc.returncode != 0:
-            why = proc.stderr.strip() or proc.stdout.strip() or "no message"
-            raise ZoneError(
-                f"{' '.join(command)} failed (exit {proc.returncode}): {why[-STDERR_LIMIT:]}"
-            )
-        return proc.stdout
+        return run_tool([self.binary, *args], timeout_s or self.timeout_s)
 
     def create_paused(self, config: Path) -> None:
         """``xl create -p``: the domain is built but runs nothing until ``unpause``."""
@@ -133,10 +110,3 @@ class Xl:
 
     def block_detach(self, name: str, vdev: str) -> None:
         self.run("block-detach", name, vdev)
-
-
-def _stderr_tail(stderr: str | bytes | None) -> str:
-    if not stderr:
-        return ""
-    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-    return f": {text.strip()[-STDERR_LIMIT:]}"

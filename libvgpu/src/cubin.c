@@ -117,25 +117,38 @@ static long find_section(const struct elf *e, const char *name)
     return -1;
 }
 
+/* The bytes of the .nv.info section called `name`: none (*len 0) when there is no such
+ * section, -1 when it lies outside the image. */
+static int info_section(const struct elf *e, const char *name, const uint8_t **info,
+                        size_t *len, char *why, size_t why_len)
+{
+    long idx = find_section(e, name);
+    Elf64_Shdr sh;
+
+    *info = NULL;
+    *len = 0;
+    if (idx < 0)
+        return 0;
+    sh = section(e, (size_t)idx);
+    if (!in_image(e, sh.sh_offset, sh.sh_size))
+        return fail(why, why_len, ".nv.info section outside the image");
+    *info = e->data + sh.sh_offset;
+    *len = sh.sh_size;
+    return 0;
+}
+
 /* One kernel's layout from its .nv.info section (absent: no parameters). */
 static int read_layout(const struct elf *e, struct vgpu_kernel *k, char *why, size_t why_len)
 {
     char name[512];
-    const uint8_t *info = NULL;
-    size_t len = 0, pos, count = 0;
+    const uint8_t *info;
+    size_t len, pos, count = 0;
     uint32_t cbank = NO_SIZE, declared = NO_SIZE, end = 0;
-    long idx;
 
     if (snprintf(name, sizeof(name), ".nv.info.%s", k->name) >= (int)sizeof(name))
         return fail(why, why_len, "kernel name too long");
-    idx = find_section(e, name);
-    if (idx >= 0) {
-        Elf64_Shdr sh = section(e, (size_t)idx);
-        if (!in_image(e, sh.sh_offset, sh.sh_size))
-            return fail(why, why_len, ".nv.info section outside the image");
-        info = e->data + sh.sh_offset;
-        len = sh.sh_size;
-    }
+    if (info_section(e, name, &info, &len, why, why_len))
+        return -1;
     /* Two passes over the attributes: count the parameters, then place them. */
     for (int pass = 0; pass < 2; pass++) {
         for (pos = 0; pos < len;) {
@@ -236,18 +249,12 @@ static int has_reserved_window(const struct elf *e)
 static int read_attributes(const struct elf *e, struct vgpu_kernels *out, const size_t *syms,
                            uint32_t arch, char *why, size_t why_len)
 {
-    long idx = find_section(e, ".nv.info");
     uint32_t constants = section_size(e, ".nv.constant3", "");
-    const uint8_t *info = NULL;
-    size_t len = 0;
+    const uint8_t *info;
+    size_t len;
 
-    if (idx >= 0) {
-        Elf64_Shdr sh = section(e, (size_t)idx);
-        if (!in_image(e, sh.sh_offset, sh.sh_size))
-            return fail(why, why_len, ".nv.info section outside the image");
-        info = e->data + sh.sh_offset;
-        len = sh.sh_size;
-    }
+    if (info_section(e, ".nv.info", &info, &len, why, why_len))
+        return -1;
     for (size_t i = 0; i < out->count; i++) {
         struct vgpu_func_attrs *a = &out->kernels[i].attrs;
         a->known = 1;

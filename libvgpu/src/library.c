@@ -240,15 +240,21 @@ VGPU_API CUresult CUDAAPI cuKernelGetFunction(CUfunction *pFunc, CUkernel kernel
     return r;
 }
 
-/* Whether a handle is a live CUkernel. */
-static int live_kernel(CUkernel kernel)
+/* cuKernelGet/SetAttribute's checks: the library initialised, dev valid, kernel a live
+ * CUkernel. */
+static CUresult check_kernel_attribute(CUkernel kernel, CUdevice dev)
 {
     int live;
+    CUresult r = vgpu_require_init();
 
+    if (!r)
+        r = vgpu_device_check(dev);
+    if (r)
+        return r;
     vgpu_lock();
     live = vgpu_objects_find(kernel, VGPU_KIND_KERNEL) != NULL;
     vgpu_unlock();
-    return live;
+    return live ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
 CUresult vgpu_kernel_function(CUfunction *f)
@@ -265,24 +271,16 @@ CUresult vgpu_kernel_function(CUfunction *f)
 VGPU_API CUresult CUDAAPI cuKernelGetAttribute(int *pi, CUfunction_attribute attrib,
                                                CUkernel kernel, CUdevice dev)
 {
-    CUresult r = vgpu_require_init();
+    CUresult r = check_kernel_attribute(kernel, dev);
 
-    if (!r)
-        r = vgpu_device_check(dev);
-    if (!r && !live_kernel(kernel))
-        r = CUDA_ERROR_INVALID_HANDLE;
     return r ? r : cuFuncGetAttribute(pi, attrib, (CUfunction)kernel);
 }
 
 VGPU_API CUresult CUDAAPI cuKernelSetAttribute(CUfunction_attribute attrib, int val,
                                                CUkernel kernel, CUdevice dev)
 {
-    CUresult r = vgpu_require_init();
+    CUresult r = check_kernel_attribute(kernel, dev);
 
-    if (!r)
-        r = vgpu_device_check(dev);
-    if (!r && !live_kernel(kernel))
-        r = CUDA_ERROR_INVALID_HANDLE;
     return r ? r : cuFuncSetAttribute((CUfunction)kernel, attrib, val);
 }
 

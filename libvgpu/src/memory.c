@@ -65,31 +65,44 @@ VGPU_API CUresult CUDAAPI cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     return CUDA_SUCCESS;
 }
 
-VGPU_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr)
+CUresult vgpu_check_freeable(CUdeviceptr dptr)
 {
-    uint8_t req[8], rep[8];
-    size_t len;
-    struct vgpu_allocation gone;
     const struct vgpu_allocation *a;
-    struct iovec iov = {req, 0};
-    CUresult r = vgpu_require_init();
+    CUresult r;
 
-    if (r)
-        return r;
     vgpu_lock();
     a = vgpu_allocations_find(dptr);
     r = a && a->base == dptr && !a->module ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
     vgpu_unlock();
+    return r;
+}
+
+void vgpu_forget_freed(CUdeviceptr dptr)
+{
+    struct vgpu_allocation gone;
+
+    vgpu_lock();
+    if (vgpu_allocations_remove(dptr, &gone) == 0) /* else a concurrent free failed remotely */
+        vgpu_mempool_released(&gone);
+    vgpu_unlock();
+}
+
+VGPU_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr)
+{
+    uint8_t req[8], rep[8];
+    size_t len;
+    struct iovec iov = {req, 0};
+    CUresult r = vgpu_require_init();
+
+    if (!r)
+        r = vgpu_check_freeable(dptr);
     if (r)
         return r;
     iov.iov_len = (size_t)vgpu_marshal_cuMemFree_v2(req, sizeof(req), dptr);
     r = vgpu_call(VGPU_OP_cuMemFree_v2, &iov, 1, rep, sizeof(rep), &len);
     if (r)
         return r;
-    vgpu_lock();
-    if (vgpu_allocations_remove(dptr, &gone) == 0) /* else a concurrent free failed remotely */
-        vgpu_mempool_released(&gone);
-    vgpu_unlock();
+    vgpu_forget_freed(dptr);
     return CUDA_SUCCESS;
 }
 

@@ -153,43 +153,45 @@ VGPU_API CUresult CUDAAPI cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
 {
     uint8_t req[24];
     uint64_t stream;
-    struct vgpu_allocation gone;
-    const struct vgpu_allocation *a;
     struct iovec iov = {req, 0};
     CUresult r = vgpu_stream_id(hStream, &stream);
 
-    if (r)
-        return r;
-    vgpu_lock();
-    a = vgpu_allocations_find(dptr);
-    r = a && a->base == dptr && !a->module ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
-    vgpu_unlock();
+    if (!r)
+        r = vgpu_check_freeable(dptr);
     if (r)
         return r;
     iov.iov_len = (size_t)vgpu_marshal_cuMemFreeAsync(req, sizeof(req), dptr, stream);
     r = vgpu_call_async(VGPU_OP_cuMemFreeAsync, &iov, 1);
     if (r)
         return r;
-    vgpu_lock();
-    if (vgpu_allocations_remove(dptr, &gone) == 0)
-        vgpu_mempool_released(&gone);
-    vgpu_unlock();
+    vgpu_forget_freed(dptr);
     return CUDA_SUCCESS;
 }
 
 CUresult CUDAAPI cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)
     VGPU_ALIAS(cuMemFreeAsync);
 
-VGPU_API CUresult CUDAAPI cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute attr,
-                                                void *value)
+/* The pool whose attribute cuMemPoolGet/SetAttribute reads or writes through value. */
+static CUresult attribute_pool(CUmemoryPool pool, const void *value,
+                               struct CUmemPoolHandle_st **out)
 {
-    struct CUmemPoolHandle_st *p;
     CUresult r = vgpu_require_init();
 
     if (r)
         return r;
-    if (!(p = known_pool(pool)) || !value)
+    if (!(*out = known_pool(pool)) || !value)
         return CUDA_ERROR_INVALID_VALUE;
+    return CUDA_SUCCESS;
+}
+
+VGPU_API CUresult CUDAAPI cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute attr,
+                                                void *value)
+{
+    struct CUmemPoolHandle_st *p;
+    CUresult r = attribute_pool(pool, value, &p);
+
+    if (r)
+        return r;
     vgpu_lock();
     switch (attr) {
     case CU_MEMPOOL_ATTR_REUSE_FOLLOW_EVENT_DEPENDENCIES:
@@ -221,12 +223,10 @@ VGPU_API CUresult CUDAAPI cuMemPoolSetAttribute(CUmemoryPool pool, CUmemPool_att
                                                 void *value)
 {
     struct CUmemPoolHandle_st *p;
-    CUresult r = vgpu_require_init();
+    CUresult r = attribute_pool(pool, value, &p);
 
     if (r)
         return r;
-    if (!(p = known_pool(pool)) || !value)
-        return CUDA_ERROR_INVALID_VALUE;
     vgpu_lock();
     switch (attr) {
     case CU_MEMPOOL_ATTR_REUSE_FOLLOW_EVENT_DEPENDENCIES:

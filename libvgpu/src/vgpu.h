@@ -144,6 +144,12 @@ int vgpu_allocations_remove(CUdeviceptr base, struct vgpu_allocation *out);
 const struct vgpu_allocation *vgpu_allocations_find(CUdeviceptr ptr);
 /* Whether [ptr, ptr + len) lies inside one allocation. */
 int vgpu_allocations_contain(CUdeviceptr ptr, size_t len);
+/* cuMemFree's check (memory.c): CUDA_ERROR_INVALID_VALUE unless dptr starts an allocation the
+ * process made (a module's variable is not freeable); takes vgpu_lock. */
+CUresult vgpu_check_freeable(CUdeviceptr dptr);
+/* Forget the allocation at dptr once gpu-proxy freed it (and its pool's share of it); takes
+ * vgpu_lock. */
+void vgpu_forget_freed(CUdeviceptr dptr);
 /* Remove every allocation of ctx; returns the bases of those the process allocated, which must
  * be freed (malloc'd; *n may be 0). Modules' variables go with their modules. */
 CUdeviceptr *vgpu_allocations_detach_ctx(CUcontext ctx, size_t *n);

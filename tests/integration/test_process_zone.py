@@ -868,7 +868,9 @@ def test_a_relayed_log_reaches_the_host_file_whole(zone: Zone, tmp_path: Path) -
         relay.close()
     assert info.exit_code == 0
     entries = log_entries(host_log)
-    assert entries[0] == ("stdout", "F", b"first") and ("stderr", "F", b"oops") in entries
+    # the two streams are separate pipes: which of their first lines the agent reads first is
+    # the scheduler's choice, as with any CRI runtime
+    assert set(entries[:2]) == {("stdout", "F", b"first"), ("stderr", "F", b"oops")}
     assert entries[-1] == ("stdout", "F", b"end")
     big = [e for e in entries if e[2][:1] == b"a"]
     assert b"".join(e[2] for e in big) == b"a" * size

@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 
 from devkit.daemons import GpuProxyDaemon
+from gpu_proxy.backends.sim import LaunchRecord, SimBackend, SimContext
+from gpu_proxy.registry import ZoneRegistry
+from gpu_proxy.telemetry.zone_stats import ZoneIdentity
 from libvgpu.build import GEN, SRC, build, cuda_include
-from tests.nvcc import build_modules
+from tests.nvcc import NVCC, build_modules
 
 C_DIR = Path(__file__).resolve().parent / "c"
 MiB = 1 << 20
+# cudart linked statically (nvcc's default) and as libcudart.so
+CUDARTS = ("static", "shared")
 
 # The test programs run a second time against an instrumented libvgpu (test_sanitizers.py): name ->
 # arguments ({cubin} and {modules} are filled in).
@@ -183,6 +188,55 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuProxyDaemon]:
 
 def zone_socket(proxy: GpuProxyDaemon, zone: str) -> Path:
     return proxy.socket_dir / f"{zone}.sock"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[ZoneRegistry]:
+    """gpu-proxy's ZoneRegistry (sim backend) in this process: the same code as the daemon,
+    and a test can read back what the sim recorded."""
+    reg = ZoneRegistry(SimBackend(), tmp_path)
+    yield reg
+    reg.close()
+
+
+def sim_zone(registry: ZoneRegistry, name: str, quota: int) -> Path:
+    """Register zone ``name`` with ``quota`` bytes; its socket."""
+    return registry.register(
+        ZoneIdentity(zone=name, domid=0, pod="pod", namespace="ml", gpu_index=0), quota
+    )
+
+
+def sim_launches(registry: ZoneRegistry, zone_id: str) -> list[LaunchRecord]:
+    """The launches the sim recorded for the zone, in stream order."""
+    [zone] = [z for z in registry.zones() if z.id == zone_id]
+    assert isinstance(zone.context, SimContext)
+    return list(zone.context.launches)
+
+
+def build_cudart_programs(source: Path, out: Path) -> dict[str, Path]:
+    """``source`` built by nvcc once per cudart linkage in CUDARTS (in parallel), for the H100
+    the sim models."""
+    exes = {cudart: out / f"{source.stem}-{cudart}" for cudart in CUDARTS}
+    procs = {
+        cudart: subprocess.Popen(
+            [NVCC, "-arch=sm_90", f"-cudart={cudart}", "-o", str(exe), str(source)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cudart, exe in exes.items()
+    }
+    for cudart, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"nvcc -cudart={cudart}: {err}"
+    return exes
+
+
+def cudart_values(exe: Path, mode: str, socket: Path, libdir: Path) -> dict[str, str]:
+    """Run one mode of a cudart test program as a zone's process; its `key value` lines.
+    libcudart.so (the shared linkage) comes from the toolkit."""
+    env = {"LD_LIBRARY_PATH": f"{libdir}:/usr/local/cuda/lib64"}
+    out = passed(run(exe, mode, socket=socket, env=env))
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
 def bulk_wire_check(out: Path) -> Path:

@@ -6,61 +6,37 @@ function attributes and occupancy, host functions in stream order, cudaMallocAsy
 from __future__ import annotations
 
 import struct
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gpu_proxy.backends.sim import MODELS, Attr, SimBackend, SimContext
+from gpu_proxy.backends.sim import MODELS, Attr
 from gpu_proxy.registry import ZoneRegistry
-from gpu_proxy.telemetry.zone_stats import ZoneIdentity
-from tests.libvgpu.conftest import passed, run
-from tests.nvcc import NVCC
+from tests.libvgpu.conftest import (
+    CUDARTS,
+    build_cudart_programs,
+    cudart_values,
+    sim_launches,
+    sim_zone,
+)
 
 MiB = 1 << 20
 SOURCE = Path(__file__).resolve().parent / "cuda" / "features.cu"
-CUDARTS = ("static", "shared")
 # features.cu's module variables: int counter, float table[256], float coeffs[4].
 VARIABLE_BYTES = 4 + 1024 + 16
 
 
 @pytest.fixture(scope="session")
 def feature_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """features.cu built once per cudart linkage (in parallel), for the sim's H100."""
-    out = tmp_path_factory.mktemp("cudart-features")
-    exes = {cudart: out / f"features-{cudart}" for cudart in CUDARTS}
-    procs = {
-        cudart: subprocess.Popen(
-            [NVCC, "-arch=sm_90", f"-cudart={cudart}", "-o", str(exe), str(SOURCE)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for cudart, exe in exes.items()
-    }
-    for cudart, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"nvcc -cudart={cudart}: {err}"
-    return exes
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ZoneRegistry]:
-    reg = ZoneRegistry(SimBackend(), tmp_path)
-    yield reg
-    reg.close()
+    return build_cudart_programs(SOURCE, tmp_path_factory.mktemp("cudart-features"))
 
 
 def run_mode(
     registry: ZoneRegistry, programs: dict[str, Path], cudart: str, mode: str, libdir: Path
 ) -> dict[str, str]:
-    """Run one mode in a fresh 64 MiB zone; the program's `key value` lines."""
-    socket = registry.register(
-        ZoneIdentity(zone=mode, domid=0, pod="pod", namespace="ml", gpu_index=0), 64 * MiB
-    )
-    env = {"LD_LIBRARY_PATH": f"{libdir}:/usr/local/cuda/lib64"}
-    out = passed(run(programs[cudart], mode, socket=socket, env=env))
-    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    """Run one mode in a fresh 64 MiB zone named after it."""
+    socket = sim_zone(registry, mode, 64 * MiB)
+    return cudart_values(programs[cudart], mode, socket, libdir)
 
 
 @pytest.mark.parametrize("cudart", CUDARTS)
@@ -82,12 +58,10 @@ def test_launch_kernel_ex_and_opt_in_shared_memory(
     assert got["reverse.maxDynamicSharedSizeBytes"] == str(48 << 10)
     assert got["reverse.optin"] == f"{100 << 10} 50"
     d = int(got["ptr"], 16)
-    [zone] = [z for z in registry.zones() if z.id == "launchex"]
-    assert isinstance(zone.context, SimContext)
     # Only the launches libvgpu could honour reached the sim: the refused ones left no trace.
     assert [
         (r.function, r.grid, r.block, r.shared_mem, r.params, r.stream is None)
-        for r in zone.context.launches
+        for r in sim_launches(registry, "launchex")
     ] == [
         ("_Z5scalePffi", (4, 2, 1), (16, 2, 1), 0, struct.pack("<Qfi", d, 3.0, 64), False),
         ("_Z7reversePfi", (1, 1, 1), (64, 1, 1), 100 << 10, struct.pack("<Qi", d, 64), False),

@@ -4,30 +4,12 @@ recorded can be read back: their parameter bytes show what libvgpu packed from k
 `extra`, and the sim checked each size against the kernel's layout without running anything."""
 
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from gpu_proxy.backends.sim import LaunchRecord, SimBackend, SimContext
 from gpu_proxy.registry import ZoneRegistry
-from gpu_proxy.telemetry.zone_stats import ZoneIdentity
-from tests.libvgpu.conftest import MODULE_BUILDS, Programs, passed, run
+from tests.libvgpu.conftest import MODULE_BUILDS, Programs, passed, run, sim_launches, sim_zone
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ZoneRegistry]:
-    reg = ZoneRegistry(SimBackend(), tmp_path)
-    yield reg
-    reg.close()
-
-
-def launches(registry: ZoneRegistry, zone_id: str) -> list[LaunchRecord]:
-    [zone] = [z for z in registry.zones() if z.id == zone_id]
-    assert isinstance(zone.context, SimContext)
-    return list(zone.context.launches)
 
 
 def mixed_params(p: int) -> bytes:
@@ -46,9 +28,7 @@ def mixed_params(p: int) -> bytes:
 def test_launch_marshalling_validated_by_sim_without_execution(
     registry: ZoneRegistry, programs: Programs, modules: dict[str, Path]
 ) -> None:
-    socket = registry.register(
-        ZoneIdentity(zone="launch", domid=0, pod="pod", namespace="ml", gpu_index=0), 64 * MiB
-    )
+    socket = sim_zone(registry, "launch", 64 * MiB)
     out = passed(run(programs["launch"], *(str(modules[n]) for n in MODULE_BUILDS), socket=socket))
     layout = [line.split()[2:] for line in out.splitlines() if line.startswith("param ")]
     assert layout == [
@@ -56,7 +36,7 @@ def test_launch_marshalling_validated_by_sim_without_execution(
         ["offset=24", "size=24"], ["offset=48", "size=1"], ["offset=56", "size=8"],
     ]  # fmt: skip
 
-    records = launches(registry, "launch")
+    records = sim_launches(registry, "launch")
     # The one allocation the program made is where every pointer parameter points.
     [p] = {struct.unpack_from("<Q", r.params, 8)[0] for r in records if r.function == "mixed"}
     scale = struct.pack("<Qfi", p, 2.0, 64)

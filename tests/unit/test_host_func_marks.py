@@ -7,29 +7,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpu_proxy.backends.sim import SimBackend, SimStream
+from gpu_proxy.backends.sim import SimStream
 from gpu_proxy.dispatch import HANDLERS, MAX_HOST_MARKS, call_handlers
 from gpu_proxy.errors import CUDA_ERROR_INVALID_VALUE, InvalidHandle, InvalidValue
 from gpu_proxy.handles import HandleKind
-from gpu_proxy.quota import MemoryLedger
-from gpu_proxy.telemetry.events import EventBus
-from gpu_proxy.telemetry.zone_stats import ZoneIdentity
-from gpu_proxy.zone import Caller, Zone
+from gpu_proxy.zone import Caller
 from idm.gen import codec as c
 from idm.wire import Header
+from tests.unit.proxy_zone import sim_caller
 
 
 @pytest.fixture
 def caller() -> Iterator[Caller]:
-    zone = Zone(
-        ZoneIdentity(zone="z", domid=0, pod="p", namespace="n", gpu_index=0),
-        SimBackend(),
-        MemoryLedger(1 << 30),
-        1 << 20,
-        EventBus(),
-    )
-    yield Caller(zone)
-    zone.teardown()
+    with sim_caller(1 << 20) as caller:
+        yield caller
 
 
 def poll(caller: Caller, mark: int) -> int:

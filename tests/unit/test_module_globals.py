@@ -3,7 +3,6 @@ and initialised by the sim when a module loads, charged to the zone's quota by g
 freeable as allocations, and returned with the module."""
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -11,12 +10,10 @@ from gpu_proxy.backends.sim import SimBackend
 from gpu_proxy.dispatch import HANDLERS
 from gpu_proxy.errors import InvalidValue, NotFound, OutOfMemory
 from gpu_proxy.modules import ModuleImageError, parse_module_image
-from gpu_proxy.quota import MemoryLedger
-from gpu_proxy.telemetry.events import EventBus
-from gpu_proxy.telemetry.zone_stats import ZoneIdentity
-from gpu_proxy.zone import Caller, Zone
+from gpu_proxy.zone import Caller
 from idm.gen import codec as c
 from tests.nvcc import build_modules
+from tests.unit.proxy_zone import sim_caller
 
 SOURCE = r"""
 __device__ int counter = 5;
@@ -97,16 +94,9 @@ def test_sim_allocates_initialised_variables_and_frees_them_with_the_module(
 
 
 @pytest.fixture
-def caller(tmp_path: Path) -> Iterator[Caller]:
-    zone = Zone(
-        ZoneIdentity(zone="z", domid=0, pod="p", namespace="n", gpu_index=0),
-        SimBackend(),
-        MemoryLedger(1 << 30),
-        TOTAL + 100,
-        EventBus(),
-    )
-    yield Caller(zone)
-    zone.teardown()
+def caller() -> Iterator[Caller]:
+    with sim_caller(TOTAL + 100) as caller:
+        yield caller
 
 
 def load(caller: Caller, image: bytes) -> int:

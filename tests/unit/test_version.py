@@ -17,7 +17,7 @@ def test_a_checkout_without_metadata_reads_pyproject(monkeypatch: pytest.MonkeyP
     def missing(name: str) -> str:
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(version.metadata, "version", missing)
+    monkeypatch.setattr(metadata, "version", missing)
     version.project_version.cache_clear()
     try:
         pinned = tomllib.loads(version.PYPROJECT.read_text())["project"]["version"]

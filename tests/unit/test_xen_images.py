@@ -180,15 +180,22 @@ def attach(
     )  # fmt: skip
 
 
+@pytest.fixture
+def zone_dir(tmp_path: Path) -> Path:
+    """A zone's directory, where XenImageDisks keeps the zone's disk state."""
+    path = tmp_path / "zone"
+    path.mkdir()
+    return path
+
+
 def test_an_image_is_built_once_and_attached_once_per_zone(
     disks: tuple[XenImageDisks, FakeBlkback],
     layers: list[Path],
+    zone_dir: Path,
     tmp_path: Path,
     host_xs: Xenstore,
 ) -> None:
     images, _ = disks
-    zone_dir = tmp_path / "zone"
-    zone_dir.mkdir()
     first = attach(images, zone_dir, "c1", IMAGE_A, layers)
     disk = images.cache.path("a1" * 32)
     built_at = disk.stat().st_mtime_ns
@@ -243,11 +250,10 @@ def test_an_image_is_built_once_and_attached_once_per_zone(
 def test_a_failed_attach_says_what_xl_said_and_leaves_no_loop(
     disks: tuple[XenImageDisks, FakeBlkback],
     layers: list[Path],
+    zone_dir: Path,
     tmp_path: Path,
     host_xs: Xenstore,
 ) -> None:
-    zone_dir = tmp_path / "zone"
-    zone_dir.mkdir()
     failing = XenImageDisks(
         tmp_path / "cache", fake_xl(tmp_path, "device model not ready"), host_xs
     )
@@ -260,13 +266,12 @@ def test_a_failed_attach_says_what_xl_said_and_leaves_no_loop(
 def test_a_disk_the_zone_never_connects_times_out_and_is_undone(
     disks: tuple[XenImageDisks, FakeBlkback],
     layers: list[Path],
+    zone_dir: Path,
     tmp_path: Path,
     host_xs: Xenstore,
 ) -> None:
     _, blkback = disks
     blkback.connect = False
-    zone_dir = tmp_path / "zone"
-    zone_dir.mkdir()
     slow = XenImageDisks(tmp_path / "cache", fake_xl(tmp_path), host_xs, connect_timeout_s=0.5)
     with pytest.raises(ZoneError, match="xvdc not connected within"):
         attach(slow, zone_dir, "c1", IMAGE_A, layers)

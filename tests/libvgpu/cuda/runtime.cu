@@ -10,24 +10,7 @@
 #include <cstring>
 #include <vector>
 
-#define CHECK(call) expect((call), cudaSuccess, #call, __LINE__)
-#define EXPECT(call, want) expect((call), (want), #call, __LINE__)
-#define REQUIRE(cond)                                                         \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            std::fprintf(stderr, "line %d: %s is false\n", __LINE__, #cond);  \
-            std::exit(1);                                                     \
-        }                                                                     \
-    } while (0)
-
-static void expect(cudaError_t got, cudaError_t want, const char *call, int line)
-{
-    if (got != want) {
-        std::fprintf(stderr, "line %d: %s returned %s, expected %s\n", line, call,
-                     cudaGetErrorName(got), cudaGetErrorName(want));
-        std::exit(1);
-    }
-}
+#include "check.h"
 
 // Under the sim the kernel is validated and recorded, never run: its writes never happen.
 __global__ void scale(float *x, float k, int n)
