@@ -247,6 +247,54 @@ class ProxyCalls(CallHandlers[Caller]):
         stream = _stream(ctx, req.hStream)
         return self._dtod(ctx, req.dstDevice, req.srcDevice, req.ByteCount, stream)
 
+    # -- pinned host memory shared by the process (gpu_proxy/shared_host.py) -----------------
+
+    def vgpuHostShare(self, ctx: Caller, req: c.vgpuHostShare_Request) -> int:
+        ctx.shared.share(req.arena, req.size)
+        return CUDA_SUCCESS
+
+    def vgpuHostUnshare(self, ctx: Caller, req: c.vgpuHostUnshare_Request) -> int:
+        # Work queued on a stream may still read or write the pages (cuMemFreeHost syncs too).
+        ctx.zone.backend.synchronize(ctx.zone.context)
+        ctx.shared.unshare(req.arena)
+        return CUDA_SUCCESS
+
+    def _htod_shared(
+        self, ctx: Caller, dst: int, arena: int, offset: int, size: int, stream: Stream | None
+    ) -> int:
+        view = ctx.shared.view(arena, offset, size)
+        ctx.zone.allocations.check_range(dst, size)
+        ctx.zone.backend.memcpy_htod_shared(ctx.zone.context, dst, view, stream)
+        ctx.zone.stats.record_memcpy(MemcpyDirection.HTOD, size)
+        return CUDA_SUCCESS
+
+    def vgpuMemcpyHtoDShared(self, ctx: Caller, req: c.vgpuMemcpyHtoDShared_Request) -> int:
+        return self._htod_shared(ctx, req.dstDevice, req.arena, req.offset, req.ByteCount, None)
+
+    def vgpuMemcpyHtoDSharedAsync(
+        self, ctx: Caller, req: c.vgpuMemcpyHtoDSharedAsync_Request
+    ) -> int:
+        stream = _stream(ctx, req.hStream)
+        return self._htod_shared(ctx, req.dstDevice, req.arena, req.offset, req.ByteCount, stream)
+
+    def _dtoh_shared(
+        self, ctx: Caller, arena: int, offset: int, src: int, size: int, stream: Stream | None
+    ) -> int:
+        view = ctx.shared.view(arena, offset, size)
+        ctx.zone.allocations.check_range(src, size)
+        ctx.zone.backend.memcpy_dtoh_into(ctx.zone.context, src, view, stream)
+        ctx.zone.stats.record_memcpy(MemcpyDirection.DTOH, size)
+        return CUDA_SUCCESS
+
+    def vgpuMemcpyDtoHShared(self, ctx: Caller, req: c.vgpuMemcpyDtoHShared_Request) -> int:
+        return self._dtoh_shared(ctx, req.arena, req.offset, req.srcDevice, req.ByteCount, None)
+
+    def vgpuMemcpyDtoHSharedAsync(
+        self, ctx: Caller, req: c.vgpuMemcpyDtoHSharedAsync_Request
+    ) -> int:
+        stream = _stream(ctx, req.hStream)
+        return self._dtoh_shared(ctx, req.arena, req.offset, req.srcDevice, req.ByteCount, stream)
+
     def cuMemsetD8_v2(self, ctx: Caller, req: c.cuMemsetD8_v2_Request) -> int:
         return self._memset(ctx, req.dstDevice, req.uc, 1, req.N, None)
 

@@ -83,6 +83,13 @@ class NotReady(CudaError):
     result = CUDA_ERROR_NOT_READY
 
 
+class NotSupported(CudaError):
+    """A feature this channel cannot offer, e.g. shared host memory on a grant link
+    (CUDA_ERROR_NOT_SUPPORTED)."""
+
+    result = CUDA_ERROR_NOT_SUPPORTED
+
+
 class DriverError(CudaError):
     """A CUresult from the real driver that has no class of its own above; `result` is the
     driver's code, so the zone sees exactly what the driver said."""

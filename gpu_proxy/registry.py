@@ -18,6 +18,7 @@ from gpu_proxy import errors
 from gpu_proxy.backends.base import GpuBackend
 from gpu_proxy.dispatch import call_handlers
 from gpu_proxy.quota import MemoryLedger
+from gpu_proxy.shared_host import SharedHostMemory
 from gpu_proxy.spin import SpinBudget
 from gpu_proxy.telemetry.events import EventBus, EventKind
 from gpu_proxy.telemetry.zone_stats import ProxyStats, ZoneIdentity
@@ -75,25 +76,28 @@ class _ZoneEndpoint:
                 continue  # refused offer, already logged; keep serving this zone
             except OSError:
                 return  # listener closed
-            self.serve(link.open_channel(), link.peer_alive)
+            self.serve(link.open_channel(), link.peer_alive, socket_fd=link.socket_fd)
 
     def serve(
         self,
         channel: Channel,
         peer_alive: Callable[[], bool] | None = None,
         on_close: Callable[[], None] | None = None,
+        socket_fd: int | None = None,
     ) -> None:
-        """Serve ``channel`` in a thread of its own until it closes or the zone is removed."""
+        """Serve ``channel`` in a thread of its own until it closes or the zone is removed;
+        ``socket_fd`` (a LocalLink's socket) is where the process passes pinned host memory."""
+        caller = Caller(self.zone, shared=SharedHostMemory(socket_fd))
         server = ChannelServer(
             channel,
-            call_handlers(Caller(self.zone)),
+            call_handlers(caller),
             max_payload=MAX_PAYLOAD,
             name=self.zone.id,
             peer_alive=peer_alive,
             failures=CALL_FAILURES,
         )
         thread = threading.Thread(
-            target=self._serve, args=(server, on_close), name=f"zone-{self.zone.id}"
+            target=self._serve, args=(server, caller, on_close), name=f"zone-{self.zone.id}"
         )
         with self._lock:
             if self._closed:  # removed meanwhile: nobody would ever stop this server
@@ -102,7 +106,9 @@ class _ZoneEndpoint:
             self.threads.append(thread)
         thread.start()
 
-    def _serve(self, server: ChannelServer, on_close: Callable[[], None] | None) -> None:
+    def _serve(
+        self, server: ChannelServer, caller: Caller, on_close: Callable[[], None] | None
+    ) -> None:
         bus, zone = self.zone.bus, self.zone.id
         bus.publish(zone, EventKind.CHANNEL_OPENED, "guest process connected")
         self.spin.join(server.channel)
@@ -110,6 +116,7 @@ class _ZoneEndpoint:
             server.serve()
         finally:
             self.spin.leave(server.channel)
+            caller.shared.close()
             if on_close is not None:
                 on_close()
         reason = server.close_reason or "stopped"

@@ -17,6 +17,7 @@ import structlog
 from gpu_proxy.backends.base import Context, GpuBackend
 from gpu_proxy.handles import DeviceAllocations, HandleKind, HandleTable
 from gpu_proxy.quota import MemoryLedger
+from gpu_proxy.shared_host import SharedHostMemory
 from gpu_proxy.telemetry.events import EventBus, EventKind
 from gpu_proxy.telemetry.zone_stats import ZoneIdentity, ZoneStats
 
@@ -98,3 +99,5 @@ class Caller:
     deferred_error: int = 0
     # Host-function marks (vgpuHostFuncMark): libvgpu's mark -> the backend event recorded there.
     host_marks: dict[int, Any] = field(default_factory=dict)
+    # Pinned host memory the process shared (LocalLink only): unmapped when the channel closes.
+    shared: SharedHostMemory = field(default_factory=lambda: SharedHostMemory(None))

@@ -156,6 +156,7 @@ class XenZoneBackend:
             self._xs = xs or Xenstore.connect()
         except XenstoreError as exc:
             raise ZoneError(f"the Xen zone backend needs xenstore (run it in Dom0): {exc}") from exc
+        xen_disks.load_block_backend()  # every zone has disks
         self._lock = threading.Lock()
         self._zone_locks = records.KeyedLocks(threading.RLock)
         self._clients: dict[str, AgentClient] = {}

@@ -193,6 +193,17 @@ def loops_of(image: Path) -> list[Path]:
     return found
 
 
+BLKBACK = Path("/sys/module/xen_blkback")
+
+
+def load_block_backend() -> None:
+    """Load Dom0's block backend if it is not: without udev (a minimal Dom0) nothing loads it
+    when a domain's first disk appears, and every ``xl create`` with a disk then fails with
+    libxl's "unable to add device"."""
+    if not BLKBACK.exists():
+        run_tool(["modprobe", "xen-blkback"], LOSETUP_TIMEOUT_S, what="loading xen-blkback")
+
+
 def attach_loop(image: Path) -> Path:
     """A fresh read-only loop device for ``image`` (``losetup -r --find --show``)."""
     if not image.is_file():

@@ -94,6 +94,20 @@ class GpuBackend(Protocol):
     def memcpy_dtod(
         self, ctx: Context, dst: int, src: int, size: int, stream: Stream | None
     ) -> None: ...
+    def memcpy_htod_shared(
+        self, ctx: Context, dst: int, src: memoryview, stream: Stream | None
+    ) -> None:
+        """From host memory the caller keeps mapped until the stream has run the copy (pinned
+        memory a zone shares): read in stream order, never snapshotted."""
+        ...
+
+    def memcpy_dtoh_into(
+        self, ctx: Context, src: int, dst: memoryview, stream: Stream | None
+    ) -> None:
+        """Into host memory the caller keeps mapped until the stream has run the copy; on a
+        stream it may return before the copy has run (cuMemcpyDtoHAsync into pinned memory)."""
+        ...
+
     def memset(
         self, ctx: Context, dst: int, value: int, elem_size: int, count: int, stream: Stream | None
     ) -> None: ...

@@ -329,6 +329,19 @@ class CudaBackend:
                 # may reuse it at once.
                 _call(driver.cuMemcpyHtoDAsync, dst, data, size, _stream(stream))
 
+    def memcpy_htod_shared(
+        self, ctx: Context, dst: int, src: memoryview, stream: Stream | None
+    ) -> None:
+        """Staged by the driver as pageable memory is: registering the zone's pages with the
+        driver (cuMemHostRegister) is what would make this a DMA straight from them."""
+        self.memcpy_htod(ctx, dst, src, stream)
+
+    def memcpy_dtoh_into(
+        self, ctx: Context, src: int, dst: memoryview, stream: Stream | None
+    ) -> None:
+        """Synchronous on the stream, through a staging buffer, as memcpy_dtoh is."""
+        dst[:] = self.memcpy_dtoh(ctx, src, len(dst), stream)
+
     def memcpy_dtoh(self, ctx: Context, src: int, size: int, stream: Stream | None) -> bytes:
         """On a stream, the copy is queued there and the stream synchronized before returning:
         the bytes must exist for the reply, so the caller waits for that stream's earlier work."""

@@ -601,6 +601,12 @@ def _copy(dst: mmap.mmap, dst_off: int, src: Buffer | mmap.mmap, src_off: int, s
         dst[dst_off + start : dst_off + start + n] = src[src_off + start : src_off + start + n]
 
 
+def _copy_out(dst: memoryview, src: mmap.mmap, src_off: int, size: int) -> None:
+    # Through a view: slicing the mmap itself would allocate a bytes object of the size.
+    with memoryview(src) as view:
+        dst[:size] = view[src_off : src_off + size]
+
+
 def _fill(dst: mmap.mmap, dst_off: int, unit: bytes, size: int) -> None:
     block = memoryview(unit * (min(size, _CHUNK) // len(unit)))
     for start in range(0, size, _CHUNK):
@@ -762,6 +768,22 @@ class SimBackend:
         result: list[bytes] = []
         self._submit(c, stream, lambda: result.append(slab[off : off + size])).wait()
         return result[0]
+
+    def memcpy_htod_shared(
+        self, ctx: Context, dst: int, src: memoryview, stream: Stream | None
+    ) -> None:
+        c = self._ctx(ctx)
+        size = len(src)
+        slab, off = self._span(c, dst, size)
+        self._submit(c, stream, lambda: _copy(slab, off, src, 0, size))
+
+    def memcpy_dtoh_into(
+        self, ctx: Context, src: int, dst: memoryview, stream: Stream | None
+    ) -> None:
+        c = self._ctx(ctx)
+        size = len(dst)
+        slab, off = self._span(c, src, size)
+        self._submit(c, stream, lambda: _copy_out(dst, slab, off, size))
 
     def memcpy_dtod(
         self, ctx: Context, dst: int, src: int, size: int, stream: Stream | None

@@ -130,6 +130,30 @@ class CallHandlers(Generic[Ctx]):
         """cuMemsetD32Async (0x0229, async): fire-and-forget, returns a CUresult."""
         return CUDA_ERROR_NOT_SUPPORTED
 
+    def vgpuHostShare(self, ctx: Ctx, req: codec.vgpuHostShare_Request) -> codec.vgpuHostShare_Reply | int:
+        """vgpuHostShare (0x0230, sync); pinned host memory: the zone's sealed memfd of `size` bytes, sent just before this call over the LocalLink's unix socket (SCM_RIGHTS, tagged with `arena`), is validated and mapped by gpu-proxy for this channel."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuHostUnshare(self, ctx: Ctx, req: codec.vgpuHostUnshare_Request) -> codec.vgpuHostUnshare_Reply | int:
+        """vgpuHostUnshare (0x0231, sync); cuMemFreeHost: gpu-proxy waits for the context's work, then unmaps the arena."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuMemcpyHtoDShared(self, ctx: Ctx, req: codec.vgpuMemcpyHtoDShared_Request) -> codec.vgpuMemcpyHtoDShared_Reply | int:
+        """vgpuMemcpyHtoDShared (0x0232, sync); host-to-device copy from a shared arena: only (arena, offset, length) travel."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuMemcpyHtoDSharedAsync(self, ctx: Ctx, req: codec.vgpuMemcpyHtoDSharedAsync_Request) -> int:
+        """vgpuMemcpyHtoDSharedAsync (0x0233, async): fire-and-forget, returns a CUresult; stream-ordered host-to-device copy from a shared arena (the pages are read in stream order)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuMemcpyDtoHShared(self, ctx: Ctx, req: codec.vgpuMemcpyDtoHShared_Request) -> codec.vgpuMemcpyDtoHShared_Reply | int:
+        """vgpuMemcpyDtoHShared (0x0234, sync); device-to-host copy into a shared arena: the bytes land in the zone's pages, none travel."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuMemcpyDtoHSharedAsync(self, ctx: Ctx, req: codec.vgpuMemcpyDtoHSharedAsync_Request) -> int:
+        """vgpuMemcpyDtoHSharedAsync (0x0235, async): fire-and-forget, returns a CUresult; truly asynchronous device-to-host copy into a shared arena: complete once the stream is."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
     def cuCtxCreate_v2(self, ctx: Ctx, req: codec.cuCtxCreate_v2_Request) -> codec.cuCtxCreate_v2_Reply | int:
         """cuCtxCreate_v2 (0x0301, sync)."""
         return CUDA_ERROR_NOT_SUPPORTED
@@ -459,6 +483,54 @@ DISPATCH: dict[int, Entry] = {
         None,
         True,
         codec.CALLS[0x0229],
+    ),
+    0x0230: Entry(
+        "vgpuHostShare",
+        codec.decode_vgpuHostShare_request,
+        "vgpuHostShare",
+        codec.encode_vgpuHostShare_reply,
+        False,
+        codec.CALLS[0x0230],
+    ),
+    0x0231: Entry(
+        "vgpuHostUnshare",
+        codec.decode_vgpuHostUnshare_request,
+        "vgpuHostUnshare",
+        codec.encode_vgpuHostUnshare_reply,
+        False,
+        codec.CALLS[0x0231],
+    ),
+    0x0232: Entry(
+        "vgpuMemcpyHtoDShared",
+        codec.decode_vgpuMemcpyHtoDShared_request,
+        "vgpuMemcpyHtoDShared",
+        codec.encode_vgpuMemcpyHtoDShared_reply,
+        False,
+        codec.CALLS[0x0232],
+    ),
+    0x0233: Entry(
+        "vgpuMemcpyHtoDSharedAsync",
+        codec.decode_vgpuMemcpyHtoDSharedAsync_request,
+        "vgpuMemcpyHtoDSharedAsync",
+        None,
+        True,
+        codec.CALLS[0x0233],
+    ),
+    0x0234: Entry(
+        "vgpuMemcpyDtoHShared",
+        codec.decode_vgpuMemcpyDtoHShared_request,
+        "vgpuMemcpyDtoHShared",
+        codec.encode_vgpuMemcpyDtoHShared_reply,
+        False,
+        codec.CALLS[0x0234],
+    ),
+    0x0235: Entry(
+        "vgpuMemcpyDtoHSharedAsync",
+        codec.decode_vgpuMemcpyDtoHSharedAsync_request,
+        "vgpuMemcpyDtoHSharedAsync",
+        None,
+        True,
+        codec.CALLS[0x0235],
     ),
     0x0301: Entry(
         "cuCtxCreate_v2",

@@ -32,7 +32,7 @@ __all__ = [
     "CALL_TABLE_DIGEST",
 ]
 
-CALL_TABLE_DIGEST = "b32ef463cbdb78d3be3567fb0402b9482f56f1c998a260a597e0cac8c9ac655a"
+CALL_TABLE_DIGEST = "69c8f1d713d6fdb794a6fa5f2a41c56f4e5b341b8b389b5fb747265b94c62fcc"
 
 # Function bodies use only these aliases, so an arg may be named like any builtin.
 _Struct = struct.Struct
@@ -1182,6 +1182,235 @@ def decode_cuMemsetD32Async_request(payload: Buffer) -> cuMemsetD32Async_Request
     if _n != 28:
         raise _DecodeError(f"cuMemsetD32Async request: payload is {_n} bytes, expected 28")
     return cuMemsetD32Async_Request._make(_REQ_cuMemsetD32Async.unpack_from(_p))
+
+
+# ---- vgpuHostShare (0x0230, sync) ---------------------------------------------------------------
+class vgpuHostShare_Request(NamedTuple):
+    arena: int
+    size: int
+
+
+class vgpuHostShare_Reply(NamedTuple):
+    pass
+
+
+_REQ_vgpuHostShare = _Struct("<QQ")
+_REQ_vgpuHostShare_FIELDS = (("arena", "Q"), ("size", "Q"))
+
+
+def encode_vgpuHostShare_request(arena: int, size: int) -> bytes:
+    try:
+        _head = _REQ_vgpuHostShare.pack(arena, size)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuHostShare request", _REQ_vgpuHostShare_FIELDS, (arena, size), _e) from None
+    return _head
+
+
+def decode_vgpuHostShare_request(payload: Buffer) -> vgpuHostShare_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 16:
+        raise _DecodeError(f"vgpuHostShare request: payload is {_n} bytes, expected 16")
+    return vgpuHostShare_Request._make(_REQ_vgpuHostShare.unpack_from(_p))
+
+
+def encode_vgpuHostShare_reply() -> bytes:
+    return b""
+
+
+def decode_vgpuHostShare_reply(payload: Buffer) -> vgpuHostShare_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"vgpuHostShare reply: payload is {_n} bytes, expected 0")
+    return vgpuHostShare_Reply()
+
+
+# ---- vgpuHostUnshare (0x0231, sync) -------------------------------------------------------------
+class vgpuHostUnshare_Request(NamedTuple):
+    arena: int
+
+
+class vgpuHostUnshare_Reply(NamedTuple):
+    pass
+
+
+_REQ_vgpuHostUnshare = _Struct("<Q")
+_REQ_vgpuHostUnshare_FIELDS = (("arena", "Q"),)
+
+
+def encode_vgpuHostUnshare_request(arena: int) -> bytes:
+    try:
+        _head = _REQ_vgpuHostUnshare.pack(arena)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuHostUnshare request", _REQ_vgpuHostUnshare_FIELDS, (arena,), _e) from None
+    return _head
+
+
+def decode_vgpuHostUnshare_request(payload: Buffer) -> vgpuHostUnshare_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"vgpuHostUnshare request: payload is {_n} bytes, expected 8")
+    return vgpuHostUnshare_Request._make(_REQ_vgpuHostUnshare.unpack_from(_p))
+
+
+def encode_vgpuHostUnshare_reply() -> bytes:
+    return b""
+
+
+def decode_vgpuHostUnshare_reply(payload: Buffer) -> vgpuHostUnshare_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"vgpuHostUnshare reply: payload is {_n} bytes, expected 0")
+    return vgpuHostUnshare_Reply()
+
+
+# ---- vgpuMemcpyHtoDShared (0x0232, sync) --------------------------------------------------------
+class vgpuMemcpyHtoDShared_Request(NamedTuple):
+    dstDevice: int
+    arena: int
+    offset: int
+    ByteCount: int
+
+
+class vgpuMemcpyHtoDShared_Reply(NamedTuple):
+    pass
+
+
+_REQ_vgpuMemcpyHtoDShared = _Struct("<QQQQ")
+_REQ_vgpuMemcpyHtoDShared_FIELDS = (("dstDevice", "Q"), ("arena", "Q"), ("offset", "Q"), ("ByteCount", "Q"))
+
+
+def encode_vgpuMemcpyHtoDShared_request(dstDevice: int, arena: int, offset: int, ByteCount: int) -> bytes:
+    try:
+        _head = _REQ_vgpuMemcpyHtoDShared.pack(dstDevice, arena, offset, ByteCount)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuMemcpyHtoDShared request", _REQ_vgpuMemcpyHtoDShared_FIELDS, (dstDevice, arena, offset, ByteCount), _e) from None
+    return _head
+
+
+def decode_vgpuMemcpyHtoDShared_request(payload: Buffer) -> vgpuMemcpyHtoDShared_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 32:
+        raise _DecodeError(f"vgpuMemcpyHtoDShared request: payload is {_n} bytes, expected 32")
+    return vgpuMemcpyHtoDShared_Request._make(_REQ_vgpuMemcpyHtoDShared.unpack_from(_p))
+
+
+def encode_vgpuMemcpyHtoDShared_reply() -> bytes:
+    return b""
+
+
+def decode_vgpuMemcpyHtoDShared_reply(payload: Buffer) -> vgpuMemcpyHtoDShared_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"vgpuMemcpyHtoDShared reply: payload is {_n} bytes, expected 0")
+    return vgpuMemcpyHtoDShared_Reply()
+
+
+# ---- vgpuMemcpyHtoDSharedAsync (0x0233, async) --------------------------------------------------
+class vgpuMemcpyHtoDSharedAsync_Request(NamedTuple):
+    dstDevice: int
+    arena: int
+    offset: int
+    ByteCount: int
+    hStream: int
+
+
+_REQ_vgpuMemcpyHtoDSharedAsync = _Struct("<QQQQQ")
+_REQ_vgpuMemcpyHtoDSharedAsync_FIELDS = (("dstDevice", "Q"), ("arena", "Q"), ("offset", "Q"), ("ByteCount", "Q"), ("hStream", "Q"))
+
+
+def encode_vgpuMemcpyHtoDSharedAsync_request(dstDevice: int, arena: int, offset: int, ByteCount: int, hStream: int) -> bytes:
+    try:
+        _head = _REQ_vgpuMemcpyHtoDSharedAsync.pack(dstDevice, arena, offset, ByteCount, hStream)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuMemcpyHtoDSharedAsync request", _REQ_vgpuMemcpyHtoDSharedAsync_FIELDS, (dstDevice, arena, offset, ByteCount, hStream), _e) from None
+    return _head
+
+
+def decode_vgpuMemcpyHtoDSharedAsync_request(payload: Buffer) -> vgpuMemcpyHtoDSharedAsync_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 40:
+        raise _DecodeError(f"vgpuMemcpyHtoDSharedAsync request: payload is {_n} bytes, expected 40")
+    return vgpuMemcpyHtoDSharedAsync_Request._make(_REQ_vgpuMemcpyHtoDSharedAsync.unpack_from(_p))
+
+
+# ---- vgpuMemcpyDtoHShared (0x0234, sync) --------------------------------------------------------
+class vgpuMemcpyDtoHShared_Request(NamedTuple):
+    arena: int
+    offset: int
+    srcDevice: int
+    ByteCount: int
+
+
+class vgpuMemcpyDtoHShared_Reply(NamedTuple):
+    pass
+
+
+_REQ_vgpuMemcpyDtoHShared = _Struct("<QQQQ")
+_REQ_vgpuMemcpyDtoHShared_FIELDS = (("arena", "Q"), ("offset", "Q"), ("srcDevice", "Q"), ("ByteCount", "Q"))
+
+
+def encode_vgpuMemcpyDtoHShared_request(arena: int, offset: int, srcDevice: int, ByteCount: int) -> bytes:
+    try:
+        _head = _REQ_vgpuMemcpyDtoHShared.pack(arena, offset, srcDevice, ByteCount)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuMemcpyDtoHShared request", _REQ_vgpuMemcpyDtoHShared_FIELDS, (arena, offset, srcDevice, ByteCount), _e) from None
+    return _head
+
+
+def decode_vgpuMemcpyDtoHShared_request(payload: Buffer) -> vgpuMemcpyDtoHShared_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 32:
+        raise _DecodeError(f"vgpuMemcpyDtoHShared request: payload is {_n} bytes, expected 32")
+    return vgpuMemcpyDtoHShared_Request._make(_REQ_vgpuMemcpyDtoHShared.unpack_from(_p))
+
+
+def encode_vgpuMemcpyDtoHShared_reply() -> bytes:
+    return b""
+
+
+def decode_vgpuMemcpyDtoHShared_reply(payload: Buffer) -> vgpuMemcpyDtoHShared_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"vgpuMemcpyDtoHShared reply: payload is {_n} bytes, expected 0")
+    return vgpuMemcpyDtoHShared_Reply()
+
+
+# ---- vgpuMemcpyDtoHSharedAsync (0x0235, async) --------------------------------------------------
+class vgpuMemcpyDtoHSharedAsync_Request(NamedTuple):
+    arena: int
+    offset: int
+    srcDevice: int
+    ByteCount: int
+    hStream: int
+
+
+_REQ_vgpuMemcpyDtoHSharedAsync = _Struct("<QQQQQ")
+_REQ_vgpuMemcpyDtoHSharedAsync_FIELDS = (("arena", "Q"), ("offset", "Q"), ("srcDevice", "Q"), ("ByteCount", "Q"), ("hStream", "Q"))
+
+
+def encode_vgpuMemcpyDtoHSharedAsync_request(arena: int, offset: int, srcDevice: int, ByteCount: int, hStream: int) -> bytes:
+    try:
+        _head = _REQ_vgpuMemcpyDtoHSharedAsync.pack(arena, offset, srcDevice, ByteCount, hStream)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuMemcpyDtoHSharedAsync request", _REQ_vgpuMemcpyDtoHSharedAsync_FIELDS, (arena, offset, srcDevice, ByteCount, hStream), _e) from None
+    return _head
+
+
+def decode_vgpuMemcpyDtoHSharedAsync_request(payload: Buffer) -> vgpuMemcpyDtoHSharedAsync_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 40:
+        raise _DecodeError(f"vgpuMemcpyDtoHSharedAsync request: payload is {_n} bytes, expected 40")
+    return vgpuMemcpyDtoHSharedAsync_Request._make(_REQ_vgpuMemcpyDtoHSharedAsync.unpack_from(_p))
 
 
 # ---- cuCtxCreate_v2 (0x0301, sync) --------------------------------------------------------------
@@ -2845,6 +3074,96 @@ CALLS: dict[int, CallCodec] = {
         reply_type=None,
         encode_request=encode_cuMemsetD32Async_request,
         decode_request=decode_cuMemsetD32Async_request,
+        encode_reply=None,
+        decode_reply=None,
+        in_handles=(HandleRef("hStream", "stream", True),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0230: CallCodec(
+        name="vgpuHostShare",
+        opcode=0x0230,
+        is_async=False,
+        request_type=vgpuHostShare_Request,
+        reply_type=vgpuHostShare_Reply,
+        encode_request=encode_vgpuHostShare_request,
+        decode_request=decode_vgpuHostShare_request,
+        encode_reply=encode_vgpuHostShare_reply,
+        decode_reply=decode_vgpuHostShare_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0231: CallCodec(
+        name="vgpuHostUnshare",
+        opcode=0x0231,
+        is_async=False,
+        request_type=vgpuHostUnshare_Request,
+        reply_type=vgpuHostUnshare_Reply,
+        encode_request=encode_vgpuHostUnshare_request,
+        decode_request=decode_vgpuHostUnshare_request,
+        encode_reply=encode_vgpuHostUnshare_reply,
+        decode_reply=decode_vgpuHostUnshare_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0232: CallCodec(
+        name="vgpuMemcpyHtoDShared",
+        opcode=0x0232,
+        is_async=False,
+        request_type=vgpuMemcpyHtoDShared_Request,
+        reply_type=vgpuMemcpyHtoDShared_Reply,
+        encode_request=encode_vgpuMemcpyHtoDShared_request,
+        decode_request=decode_vgpuMemcpyHtoDShared_request,
+        encode_reply=encode_vgpuMemcpyHtoDShared_reply,
+        decode_reply=decode_vgpuMemcpyHtoDShared_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0233: CallCodec(
+        name="vgpuMemcpyHtoDSharedAsync",
+        opcode=0x0233,
+        is_async=True,
+        request_type=vgpuMemcpyHtoDSharedAsync_Request,
+        reply_type=None,
+        encode_request=encode_vgpuMemcpyHtoDSharedAsync_request,
+        decode_request=decode_vgpuMemcpyHtoDSharedAsync_request,
+        encode_reply=None,
+        decode_reply=None,
+        in_handles=(HandleRef("hStream", "stream", True),),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0234: CallCodec(
+        name="vgpuMemcpyDtoHShared",
+        opcode=0x0234,
+        is_async=False,
+        request_type=vgpuMemcpyDtoHShared_Request,
+        reply_type=vgpuMemcpyDtoHShared_Reply,
+        encode_request=encode_vgpuMemcpyDtoHShared_request,
+        decode_request=decode_vgpuMemcpyDtoHShared_request,
+        encode_reply=encode_vgpuMemcpyDtoHShared_reply,
+        decode_reply=decode_vgpuMemcpyDtoHShared_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0235: CallCodec(
+        name="vgpuMemcpyDtoHSharedAsync",
+        opcode=0x0235,
+        is_async=True,
+        request_type=vgpuMemcpyDtoHSharedAsync_Request,
+        reply_type=None,
+        encode_request=encode_vgpuMemcpyDtoHSharedAsync_request,
+        decode_request=decode_vgpuMemcpyDtoHSharedAsync_request,
         encode_reply=None,
         decode_reply=None,
         in_handles=(HandleRef("hStream", "stream", True),),

@@ -21,9 +21,9 @@
 
 /* == IDM_MAX_PAYLOAD in idm.h */
 #define VGPU_MAX_PAYLOAD (64u << 20)
-#define VGPU_NUM_CALLS 53
+#define VGPU_NUM_CALLS 59
 /* First 64 bits of the call table's SHA-256 (both ends can compare it at hello). */
-#define VGPU_CALL_TABLE_DIGEST 0xb32ef463cbdb78d3ull
+#define VGPU_CALL_TABLE_DIGEST 0x69c8f1d713d6fdb7ull
 
 /* ---- opcodes ---- */
 #define VGPU_OP_cuInit                       0x0101u
@@ -51,6 +51,12 @@
 #define VGPU_OP_cuMemsetD32_v2               0x0221u
 #define VGPU_OP_cuMemsetD8Async              0x0228u
 #define VGPU_OP_cuMemsetD32Async             0x0229u
+#define VGPU_OP_vgpuHostShare                0x0230u
+#define VGPU_OP_vgpuHostUnshare              0x0231u
+#define VGPU_OP_vgpuMemcpyHtoDShared         0x0232u
+#define VGPU_OP_vgpuMemcpyHtoDSharedAsync    0x0233u
+#define VGPU_OP_vgpuMemcpyDtoHShared         0x0234u
+#define VGPU_OP_vgpuMemcpyDtoHSharedAsync    0x0235u
 #define VGPU_OP_cuCtxCreate_v2               0x0301u
 #define VGPU_OP_cuCtxDestroy_v2              0x0302u
 #define VGPU_OP_cuCtxSynchronize             0x0303u
@@ -250,6 +256,55 @@ int vgpu_marshal_cuMemsetD8Async(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned lo
 /* cuMemsetD32Async (0x0229, async) */
 int vgpu_marshal_cuMemsetD32Async(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned long long dstDevice,
                                   unsigned int ui, size_t N, uint64_t hStream);
+
+/*
+ * vgpuHostShare (0x0230, sync): pinned host memory: the zone's sealed memfd of `size` bytes, sent
+ * just before this call over the LocalLink's unix socket (SCM_RIGHTS, tagged with `arena`), is
+ * validated and mapped by gpu-proxy for this channel
+ */
+int vgpu_marshal_vgpuHostShare(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena, uint64_t size);
+int vgpu_unmarshal_vgpuHostShare_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/*
+ * vgpuHostUnshare (0x0231, sync): cuMemFreeHost: gpu-proxy waits for the context's work, then
+ * unmaps the arena
+ */
+int vgpu_marshal_vgpuHostUnshare(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena);
+int vgpu_unmarshal_vgpuHostUnshare_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/*
+ * vgpuMemcpyHtoDShared (0x0232, sync): host-to-device copy from a shared arena: only (arena,
+ * offset, length) travel
+ */
+int vgpu_marshal_vgpuMemcpyHtoDShared(uint8_t *vgpu_buf, size_t vgpu_cap,
+                                      unsigned long long dstDevice, uint64_t arena, uint64_t offset,
+                                      size_t ByteCount);
+int vgpu_unmarshal_vgpuMemcpyHtoDShared_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/*
+ * vgpuMemcpyHtoDSharedAsync (0x0233, async): stream-ordered host-to-device copy from a shared
+ * arena (the pages are read in stream order)
+ */
+int vgpu_marshal_vgpuMemcpyHtoDSharedAsync(uint8_t *vgpu_buf, size_t vgpu_cap,
+                                           unsigned long long dstDevice, uint64_t arena,
+                                           uint64_t offset, size_t ByteCount, uint64_t hStream);
+
+/*
+ * vgpuMemcpyDtoHShared (0x0234, sync): device-to-host copy into a shared arena: the bytes land in
+ * the zone's pages, none travel
+ */
+int vgpu_marshal_vgpuMemcpyDtoHShared(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
+                                      uint64_t offset, unsigned long long srcDevice,
+                                      size_t ByteCount);
+int vgpu_unmarshal_vgpuMemcpyDtoHShared_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
+
+/*
+ * vgpuMemcpyDtoHSharedAsync (0x0235, async): truly asynchronous device-to-host copy into a shared
+ * arena: complete once the stream is
+ */
+int vgpu_marshal_vgpuMemcpyDtoHSharedAsync(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
+                                           uint64_t offset, unsigned long long srcDevice,
+                                           size_t ByteCount, uint64_t hStream);
 
 /* cuCtxCreate_v2 (0x0301, sync) */
 int vgpu_marshal_cuCtxCreate_v2(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned int flags, int dev);

@@ -104,6 +104,12 @@ const struct vgpu_call_info vgpu_calls[] = {
     {"cuMemsetD32_v2", 0x0221u, 20u, 0u, 0},
     {"cuMemsetD8Async", 0x0228u, 25u, 0u, 1},
     {"cuMemsetD32Async", 0x0229u, 28u, 0u, 1},
+    {"vgpuHostShare", 0x0230u, 16u, 0u, 0},
+    {"vgpuHostUnshare", 0x0231u, 8u, 0u, 0},
+    {"vgpuMemcpyHtoDShared", 0x0232u, 32u, 0u, 0},
+    {"vgpuMemcpyHtoDSharedAsync", 0x0233u, 40u, 0u, 1},
+    {"vgpuMemcpyDtoHShared", 0x0234u, 32u, 0u, 0},
+    {"vgpuMemcpyDtoHSharedAsync", 0x0235u, 40u, 0u, 1},
     {"cuCtxCreate_v2", 0x0301u, 8u, 8u, 0},
     {"cuCtxDestroy_v2", 0x0302u, 8u, 0u, 0},
     {"cuCtxSynchronize", 0x0303u, 0u, 0u, 0},
@@ -739,6 +745,127 @@ int vgpu_marshal_cuMemsetD32Async(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned l
     vgpu_put_u32(vgpu_buf + 8, (uint32_t)ui);
     vgpu_put_u64(vgpu_buf + 12, (uint64_t)N);
     vgpu_put_u64(vgpu_buf + 20, (uint64_t)hStream);
+    return (int)vgpu_len;
+}
+
+/* ---- vgpuHostShare (0x0230, sync) ---- */
+
+int vgpu_marshal_vgpuHostShare(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena, uint64_t size)
+{
+    size_t vgpu_len = 16;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)arena);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)size);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuHostShare_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
+    return 0;
+}
+
+/* ---- vgpuHostUnshare (0x0231, sync) ---- */
+
+int vgpu_marshal_vgpuHostUnshare(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena)
+{
+    size_t vgpu_len = 8;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)arena);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuHostUnshare_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
+    return 0;
+}
+
+/* ---- vgpuMemcpyHtoDShared (0x0232, sync) ---- */
+
+int vgpu_marshal_vgpuMemcpyHtoDShared(uint8_t *vgpu_buf, size_t vgpu_cap,
+                                      unsigned long long dstDevice, uint64_t arena, uint64_t offset,
+                                      size_t ByteCount)
+{
+    size_t vgpu_len = 32;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)dstDevice);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)arena);
+    vgpu_put_u64(vgpu_buf + 16, (uint64_t)offset);
+    vgpu_put_u64(vgpu_buf + 24, (uint64_t)ByteCount);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuMemcpyHtoDShared_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
+    return 0;
+}
+
+/* ---- vgpuMemcpyHtoDSharedAsync (0x0233, async) ---- */
+
+int vgpu_marshal_vgpuMemcpyHtoDSharedAsync(uint8_t *vgpu_buf, size_t vgpu_cap,
+                                           unsigned long long dstDevice, uint64_t arena,
+                                           uint64_t offset, size_t ByteCount, uint64_t hStream)
+{
+    size_t vgpu_len = 40;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)dstDevice);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)arena);
+    vgpu_put_u64(vgpu_buf + 16, (uint64_t)offset);
+    vgpu_put_u64(vgpu_buf + 24, (uint64_t)ByteCount);
+    vgpu_put_u64(vgpu_buf + 32, (uint64_t)hStream);
+    return (int)vgpu_len;
+}
+
+/* ---- vgpuMemcpyDtoHShared (0x0234, sync) ---- */
+
+int vgpu_marshal_vgpuMemcpyDtoHShared(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
+                                      uint64_t offset, unsigned long long srcDevice,
+                                      size_t ByteCount)
+{
+    size_t vgpu_len = 32;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)arena);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)offset);
+    vgpu_put_u64(vgpu_buf + 16, (uint64_t)srcDevice);
+    vgpu_put_u64(vgpu_buf + 24, (uint64_t)ByteCount);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuMemcpyDtoHShared_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
+    return 0;
+}
+
+/* ---- vgpuMemcpyDtoHSharedAsync (0x0235, async) ---- */
+
+int vgpu_marshal_vgpuMemcpyDtoHSharedAsync(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
+                                           uint64_t offset, unsigned long long srcDevice,
+                                           size_t ByteCount, uint64_t hStream)
+{
+    size_t vgpu_len = 40;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)arena);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)offset);
+    vgpu_put_u64(vgpu_buf + 16, (uint64_t)srcDevice);
+    vgpu_put_u64(vgpu_buf + 24, (uint64_t)ByteCount);
+    vgpu_put_u64(vgpu_buf + 32, (uint64_t)hStream);
     return (int)vgpu_len;
 }
 

@@ -417,6 +417,55 @@ CUresult vgpu_call_batch(struct vgpu_batch_call *calls, size_t n)
     return r;
 }
 
+/* ---- pinned host memory -------------------------------------------------------------------- */
+
+#define SHARE_MAGIC 0x4E495056u /* "VPIN": gpu_proxy/shared_host.py */
+
+struct share_message {
+    uint32_t magic;
+    uint32_t reserved;
+    uint64_t arena;
+    uint64_t size;
+};
+
+/* Pass `fd` over the LocalLink's socket, then name it in vgpuHostShare, both under the channel
+ * lock so that gpu-proxy finds this message, and no other thread's, when it handles the call.
+ * CUDA_ERROR_NOT_SUPPORTED where the link has no socket for it (grant link). */
+CUresult vgpu_channel_share_fd(int fd, uint64_t arena, uint64_t size)
+{
+    struct share_message m = {SHARE_MAGIC, 0, arena, size};
+    char control[CMSG_SPACE(sizeof(int))];
+    struct iovec data = {&m, sizeof(m)};
+    struct msghdr msg = {.msg_iov = &data, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = sizeof(control)};
+    struct cmsghdr *c;
+    uint8_t req[16], rep[8];
+    struct iovec iov = {req, 0};
+    uint64_t seq;
+    size_t len;
+    CUresult r;
+
+    memset(control, 0, sizeof(control));
+    c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    iov.iov_len = (size_t)vgpu_marshal_vgpuHostShare(req, sizeof(req), arena, size);
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    if (!r && chan.kind != LINK_LOCAL)
+        r = CUDA_ERROR_NOT_SUPPORTED;
+    if (!r && sendmsg(chan.sock, &msg, MSG_NOSIGNAL) != (ssize_t)sizeof(m))
+        r = lose_locked("passing pinned memory", errno);
+    if (!r)
+        r = send_locked(VGPU_OP_vgpuHostShare, 0, &iov, 1, &seq);
+    if (!r)
+        r = reply_locked(VGPU_OP_vgpuHostShare, seq, rep, sizeof(rep), &len);
+    pthread_mutex_unlock(&chan.lock);
+    return r;
+}
+
 /* ---- fork ----------------------------------------------------------------------------------- */
 
 /* The child's copy of the channel is its parent's: close our copies of the descriptors without

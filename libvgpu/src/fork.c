@@ -31,6 +31,7 @@ static void child(void)
     vgpu_mempools_reset();
     vgpu_contexts_reset();
     vgpu_cls_reset();
+    vgpu_pinned_reset();
     vgpu_unlock();
     vgpu_channel_atfork(VGPU_FORK_CHILD);
     vgpu_init_atfork(VGPU_FORK_CHILD);

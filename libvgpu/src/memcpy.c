@@ -43,10 +43,47 @@ static size_t slice_limit(size_t fixed, size_t table_max)
     return max > fixed ? MIN(max - fixed, table_max) : 1;
 }
 
+/* A copy to or from pinned memory shared with gpu-proxy (pinned.c): only (arena, offset,
+ * length) travel, gpu-proxy moves the bytes between the shared pages and device memory. The
+ * asynchronous forms are fire-and-forget, complete when the stream is. */
+static CUresult htod_shared(CUdeviceptr dst, uint64_t arena, uint64_t offset, size_t count,
+                            int async, uint64_t stream)
+{
+    uint8_t req[40], rep[8];
+    size_t len;
+    struct iovec iov = {req, 0};
+
+    if (async) {
+        iov.iov_len = (size_t)vgpu_marshal_vgpuMemcpyHtoDSharedAsync(req, sizeof(req), dst, arena,
+                                                                    offset, count, stream);
+        return vgpu_call_async(VGPU_OP_vgpuMemcpyHtoDSharedAsync, &iov, 1);
+    }
+    iov.iov_len =
+        (size_t)vgpu_marshal_vgpuMemcpyHtoDShared(req, sizeof(req), dst, arena, offset, count);
+    return vgpu_call(VGPU_OP_vgpuMemcpyHtoDShared, &iov, 1, rep, sizeof(rep), &len);
+}
+
+static CUresult dtoh_shared(uint64_t arena, uint64_t offset, CUdeviceptr src, size_t count,
+                            int async, uint64_t stream)
+{
+    uint8_t req[40], rep[8];
+    size_t len;
+    struct iovec iov = {req, 0};
+
+    if (async) {
+        iov.iov_len = (size_t)vgpu_marshal_vgpuMemcpyDtoHSharedAsync(req, sizeof(req), arena,
+                                                                    offset, src, count, stream);
+        return vgpu_call_async(VGPU_OP_vgpuMemcpyDtoHSharedAsync, &iov, 1);
+    }
+    iov.iov_len =
+        (size_t)vgpu_marshal_vgpuMemcpyDtoHShared(req, sizeof(req), arena, offset, src, count);
+    return vgpu_call(VGPU_OP_vgpuMemcpyDtoHShared, &iov, 1, rep, sizeof(rep), &len);
+}
+
 static CUresult htod(CUdeviceptr dst, const void *src, size_t count, int async, CUstream hStream)
 {
     const uint8_t *from = src;
-    uint64_t stream = 0;
+    uint64_t stream = 0, arena, offset;
     size_t slice;
     int nothing;
     CUresult r = copy_check(1, src, dst, count, &nothing);
@@ -57,6 +94,8 @@ static CUresult htod(CUdeviceptr dst, const void *src, size_t count, int async, 
         vgpu_host_funcs_wait(0);
     if (r || nothing)
         return r;
+    if (vgpu_pinned_shared(src, count, &arena, &offset))
+        return htod_shared(dst, arena, offset, count, async, stream);
     slice = async ? slice_limit(24, VGPU_MAX_cuMemcpyHtoDAsync_v2_srcHost)
                   : slice_limit(16, VGPU_MAX_cuMemcpyHtoD_v2_srcHost);
     for (size_t done = 0; done < count && !r; done += slice) {
@@ -78,7 +117,7 @@ static CUresult htod(CUdeviceptr dst, const void *src, size_t count, int async, 
 static CUresult dtoh(void *dst, CUdeviceptr src, size_t count, int on_stream, CUstream hStream)
 {
     uint8_t *to = dst;
-    uint64_t stream = 0;
+    uint64_t stream = 0, arena, offset;
     size_t slice;
     int nothing;
     CUresult r = copy_check(1, dst, src, count, &nothing);
@@ -89,6 +128,8 @@ static CUresult dtoh(void *dst, CUdeviceptr src, size_t count, int on_stream, CU
         vgpu_host_funcs_wait(0);
     if (r || nothing)
         return r;
+    if (vgpu_pinned_shared(dst, count, &arena, &offset))
+        return dtoh_shared(arena, offset, src, count, on_stream, stream);
     /* The reply carries a u32 length before the data. */
     slice = slice_limit(4, on_stream ? VGPU_MAX_cuMemcpyDtoHAsync_v2_dstHost
                                      : VGPU_MAX_cuMemcpyDtoH_v2_dstHost);
@@ -164,7 +205,8 @@ VGPU_API CUresult CUDAAPI cuMemcpyDtoD_v2(CUdeviceptr dstDevice, CUdeviceptr src
 CUresult CUDAAPI cuMemcpyDtoD_v2_ptds(CUdeviceptr dstDevice, CUdeviceptr srcDevice,
                                       size_t ByteCount) VGPU_ALIAS(cuMemcpyDtoD_v2);
 
-/* The data travels in the request: the host buffer may be reused as soon as this returns. */
+/* Pageable memory travels in the request: the host buffer may be reused as soon as this returns.
+ * Shared pinned memory is read by gpu-proxy in stream order, as CUDA reads pinned memory. */
 VGPU_API CUresult CUDAAPI cuMemcpyHtoDAsync_v2(CUdeviceptr dstDevice, const void *srcHost,
                                                size_t ByteCount, CUstream hStream)
 {
@@ -175,7 +217,8 @@ CUresult CUDAAPI cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dstDevice, const void *sr
                                            size_t ByteCount, CUstream hStream)
     VGPU_ALIAS(cuMemcpyHtoDAsync_v2);
 
-/* Synchronous on the wire: the bytes must be back before they can be written to dstHost. */
+/* Synchronous on the wire for pageable memory: the bytes must be back before they can be
+ * written to dstHost. Into shared pinned memory it is fire-and-forget (complete with the stream). */
 VGPU_API CUresult CUDAAPI cuMemcpyDtoHAsync_v2(void *dstHost, CUdeviceptr srcDevice,
                                                size_t ByteCount, CUstream hStream)
 {

@@ -68,6 +68,16 @@ CUresult vgpu_call_batch(struct vgpu_batch_call *calls, size_t n);
 
 /* The largest payload one message may carry on this channel (the hello's agreed limit). */
 size_t vgpu_channel_max_payload(void);
+/* Pass a pinned allocation's memfd to gpu-proxy as `arena` (LocalLink only, channel.c). */
+CUresult vgpu_channel_share_fd(int fd, uint64_t arena, uint64_t size);
+
+/* ---- pinned.c: pinned host memory ---------------------------------------------------------- */
+
+/* Whether [p, p + n) lies in one pinned allocation shared with gpu-proxy; if so its arena and
+ * the offset of p in it. Takes vgpu_lock. */
+int vgpu_pinned_shared(const void *p, size_t n, uint64_t *arena, uint64_t *offset);
+/* fork child: the parent's arenas belong to the parent's channel (vgpu_lock held). */
+void vgpu_pinned_reset(void);
 
 /* fork.c brackets fork() with each lock's holder: prepare takes the lock (so the copy is
  * consistent), the parent releases it, the child resets what it guards and releases it. Lock

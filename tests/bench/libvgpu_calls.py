@@ -9,7 +9,9 @@ bookkeeping and marshalling, gpu-proxy's decoding, checks and dispatch, and the 
 - a synchronous call (cuStreamQuery) against a null round trip;
 - cuLaunchKernel: the rate a program issues launches (fire-and-forget, while the ring has room)
   and the rate gpu-proxy completes them, against raw fire-and-forget messages of the same size;
-- 64 MiB cuMemcpyHtoD / cuMemcpyDtoH against a raw 64 MiB message and a plain memcpy.
+- 64 MiB cuMemcpyHtoD / cuMemcpyDtoH against a raw 64 MiB message and a plain memcpy;
+- 64 MiB cuMemcpyHtoDAsync / DtoHAsync + cuStreamSynchronize on pinned memory (cuMemAllocHost,
+  shared with gpu-proxy: only arena, offset and length travel), against the pageable copies.
 Results: results/bench/libvgpu_calls.json.
 """
 
@@ -96,6 +98,8 @@ def measure(quick: bool) -> dict[str, Any]:
             raw["launch"] = run_program(exe, socket, cpus, "launch", cubin, launches, rounds)
             raw["htod"] = run_program(exe, socket, cpus, "htod", COPY_BYTES, reps)
             raw["dtoh"] = run_program(exe, socket, cpus, "dtoh", COPY_BYTES, reps)
+            raw["pinned_htod"] = run_program(exe, socket, cpus, "pinned-htod", COPY_BYTES, reps)
+            raw["pinned_dtoh"] = run_program(exe, socket, cpus, "pinned-dtoh", COPY_BYTES, reps)
         finally:
             registry.close()
         idm = build_c(C_DIR / "idm_bench.c", out)
@@ -118,6 +122,10 @@ def measure(quick: bool) -> dict[str, Any]:
         "ring_async_msgs_per_s": raw["ring_async"]["msgs_per_s"],
         "htod_gib_per_s": raw["htod"]["gib_per_s"],
         "dtoh_gib_per_s": raw["dtoh"]["gib_per_s"],
+        "pinned_htod_gib_per_s": raw["pinned_htod"]["gib_per_s"],
+        "pinned_dtoh_gib_per_s": raw["pinned_dtoh"]["gib_per_s"],
+        "pinned_vs_pageable_htod": raw["htod"]["best_s"] / raw["pinned_htod"]["best_s"],
+        "pinned_vs_pageable_dtoh": raw["dtoh"]["best_s"] / raw["pinned_dtoh"]["best_s"],
         "ring_bulk_gib_per_s": raw["ring_bulk"]["gib_per_s"],
         "memcpy_gib_per_s": raw["memcpy"]["gib_per_s"],
         "htod_vs_raw_bulk": ring_bulk_s / raw["htod"]["best_s"],

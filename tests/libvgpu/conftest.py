@@ -38,6 +38,7 @@ SANITIZED_RUNS = {
     "launch": ["{modules}"],
     "procaddress": [],
     "stream_order": ["{cubin}"],
+    "pinned": [],
 }
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
 

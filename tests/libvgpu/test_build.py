@@ -36,6 +36,8 @@ EXPORTS = {
     "cuMemFreeAsync_ptsz", "cuDeviceGetDefaultMemPool", "cuDeviceGetMemPool",
     "cuDeviceSetMemPool", "cuMemPoolGetAttribute", "cuMemPoolSetAttribute", "cuMemPoolTrimTo",
     "cuMemcpy", "cuMemcpy_ptds", "cuMemcpyAsync", "cuMemcpyAsync_ptsz",
+    "cuMemAllocHost_v2", "cuMemHostAlloc", "cuMemFreeHost", "cuMemHostGetFlags",
+    "cuMemHostRegister", "cuMemHostRegister_v2", "cuMemHostUnregister",
     # modules and launches
     "cuModuleLoad", "cuModuleLoadData", "cuModuleLoadFatBinary", "cuModuleUnload",
     "cuModuleGetFunction", "cuModuleGetGlobal_v2", "cuFuncGetAttribute", "cuFuncGetParamInfo",

@@ -1,7 +1,8 @@
 """CUDA runtime features beyond the basics (tests/libvgpu/cuda/features.cu), built by nvcc with
 cudart static and shared, run as a zone's processes against gpu-proxy's sim in this process:
 module variables (cudaMemcpyToSymbol/FromSymbol), cudaLaunchKernelEx and opt-in shared memory,
-function attributes and occupancy, host functions in stream order, cudaMallocAsync."""
+function attributes and occupancy, host functions in stream order, cudaMallocAsync, pinned host
+memory."""
 
 from __future__ import annotations
 
@@ -148,3 +149,22 @@ def test_malloc_async_uses_the_default_pool_within_the_quota(
     assert got["meminfo"] == f"{64 * MiB} {64 * MiB}"  # free before, free after
     [zone] = [z for z in registry.zones() if z.id == "mallocasync"]
     assert zone.memory() == (0, 64 * MiB)
+
+
+@pytest.mark.parametrize("cudart", CUDARTS)
+def test_pinned_host_memory_is_copied_by_arena_offset_length(
+    registry: ZoneRegistry, feature_programs: dict[str, Path], libcuda_dir: Path, cudart: str
+) -> None:
+    """The program checks the bytes that came back; here: both checksums agree, and the async
+    copies went as shared-arena calls (no data in the channel), both buffers unshared at the end."""
+    got = run_mode(registry, feature_programs, cudart, "pinned", libcuda_dir)
+    sent, back = got["pinned"].split()
+    assert sent == back
+    [zone] = [z for z in registry.zones() if z.id == "pinned"]
+    calls: dict[str, int] = {}
+    for (api, _result), n in zone.stats.snapshot().calls.items():
+        calls[api] = calls.get(api, 0) + n
+    assert calls["vgpuHostShare"] == calls["vgpuHostUnshare"] == 2
+    assert calls["vgpuMemcpyHtoDSharedAsync"] == 1
+    assert calls["vgpuMemcpyDtoHSharedAsync"] == 2
+    assert "cuMemcpyHtoDAsync_v2" not in calls and "cuMemcpyDtoHAsync_v2" not in calls

@@ -34,6 +34,7 @@ EXPECTED_CALLS = {
 EXPECTED_ASYNC = {
     "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoDAsync_v2", "cuMemsetD8Async", "cuMemsetD32Async",
     "cuLaunchKernel", "cuStreamWaitEvent", "cuEventRecord", "cuMemFreeAsync", "vgpuHostFuncMark",
+    "vgpuMemcpyHtoDSharedAsync", "vgpuMemcpyDtoHSharedAsync",
 }  # fmt: skip
 
 

@@ -8,6 +8,9 @@
  *                       and the rate gpu-proxy completes them (all rounds)
  *   htod BYTES REPS     cuMemcpyHtoD of BYTES, best of REPS (after one warm-up)
  *   dtoh BYTES REPS     cuMemcpyDtoH likewise
+ *   pinned-htod BYTES REPS  cuMemcpyHtoDAsync from a cuMemAllocHost buffer (shared with
+ *                       gpu-proxy) on a stream, then cuStreamSynchronize: the whole copy
+ *   pinned-dtoh BYTES REPS  cuMemcpyDtoHAsync into it likewise
  * Prints one JSON object. With IDM_BENCH_CPUS="H,C" the program runs on CPU C.
  */
 #include "bench.h"
@@ -81,32 +84,48 @@ static void run_launch(const char *cubin, long n, long rounds)
            (double)(n * rounds) / ((double)total / 1e9));
 }
 
-static void run_copy(int to_device, size_t bytes, long reps)
+static void run_copy(int to_device, int pinned, size_t bytes, long reps)
 {
-    uint8_t *host = malloc(bytes);
+    uint8_t *host = NULL;
     uint64_t best = UINT64_MAX;
     CUdeviceptr dev;
+    CUstream stream = NULL;
 
-    if (!host)
+    if (pinned) {
+        check(cuMemAllocHost((void **)&host, bytes), "cuMemAllocHost");
+        check(cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    } else if (!(host = malloc(bytes))) {
         die("malloc", ENOMEM);
+    }
     memset(host, 0x5a, bytes);
     check(cuMemAlloc(&dev, bytes), "cuMemAlloc");
     for (long r = 0; r <= reps; r++) { /* rep 0 warms both sides' buffers */
         uint64_t t0 = now_ns(), dt;
-        if (to_device)
+        if (pinned && to_device)
+            check(cuMemcpyHtoDAsync(dev, host, bytes, stream), "cuMemcpyHtoDAsync");
+        else if (pinned)
+            check(cuMemcpyDtoHAsync(host, dev, bytes, stream), "cuMemcpyDtoHAsync");
+        else if (to_device)
             check(cuMemcpyHtoD(dev, host, bytes), "cuMemcpyHtoD");
         else
             check(cuMemcpyDtoH(host, dev, bytes), "cuMemcpyDtoH");
+        if (pinned)
+            check(cuStreamSynchronize(stream), "cuStreamSynchronize");
         dt = now_ns() - t0;
         if (r && dt < best)
             best = dt;
     }
-    printf("{\"mode\": \"%s\", \"bytes\": %zu, \"reps\": %ld, \"best_s\": %.6f, "
+    printf("{\"mode\": \"%s%s\", \"bytes\": %zu, \"reps\": %ld, \"best_s\": %.6f, "
            "\"gib_per_s\": %.3f}\n",
-           to_device ? "htod" : "dtoh", bytes, reps, (double)best / 1e9,
+           pinned ? "pinned-" : "", to_device ? "htod" : "dtoh", bytes, reps, (double)best / 1e9,
            (double)bytes / ((double)best / 1e9) / (1u << 30));
     check(cuMemFree(dev), "cuMemFree");
-    free(host);
+    if (pinned) {
+        check(cuStreamDestroy(stream), "cuStreamDestroy");
+        check(cuMemFreeHost(host), "cuMemFreeHost");
+    } else {
+        free(host);
+    }
 }
 
 int main(int argc, char **argv)
@@ -120,7 +139,9 @@ int main(int argc, char **argv)
     else if (!strcmp(mode, "launch") && argc == 5)
         run_launch(argv[2], atol(argv[3]), atol(argv[4]));
     else if ((!strcmp(mode, "htod") || !strcmp(mode, "dtoh")) && argc == 4)
-        run_copy(!strcmp(mode, "htod"), strtoull(argv[2], NULL, 0), atol(argv[3]));
+        run_copy(!strcmp(mode, "htod"), 0, strtoull(argv[2], NULL, 0), atol(argv[3]));
+    else if ((!strcmp(mode, "pinned-htod") || !strcmp(mode, "pinned-dtoh")) && argc == 4)
+        run_copy(!strcmp(mode, "pinned-htod"), 1, strtoull(argv[2], NULL, 0), atol(argv[3]));
     else {
         fprintf(stderr, "usage: see the comment at the top of libvgpu_bench.c\n");
         return 2;

@@ -109,6 +109,13 @@ def test_a_runtime_killed_mid_pod_finds_it_again(stack: Stack) -> None:
     stack.runtime.restart(signal.SIGKILL)
     status = stack.cri.status(container)
     assert status.state == api_pb2.CONTAINER_RUNNING, (status, stack.diagnostics())
-    remove_pod(stack, pod)
+    # The new runtime talks to the same agent (reattached over a fresh control channel).
+    reply = stack.cri.runtime.ExecSync(
+        api_pb2.ExecSyncRequest(container_id=container, cmd=["echo", "still here"], timeout=60),
+        timeout=120,
+    )
+    assert (reply.exit_code, reply.stdout) == (0, b"still here\n"), stack.diagnostics()
+    stack.cri.stop_pod(pod.id)
     assert stack.cri.status(container).state == api_pb2.CONTAINER_EXITED
+    stack.cri.remove_pod(pod.id)
     assert f"vgpu-{pod.id}" not in vgpu_domains()

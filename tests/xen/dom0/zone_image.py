@@ -12,19 +12,17 @@ bytecode compiled once so that no zone compiles it at boot.
 import compileall
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cri_runtime.zones.xen_disks import build_ext4
+from cri_runtime.zones.xen_disks import BLKBACK, build_ext4, load_block_backend
 from kernel_builder.zone_initramfs import ZoneImageManifest
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 SHARE = Path(os.environ.get("TESTBED_SHARE", "/share"))
 ZONE_KERNEL = Path("/opt/testbed/guest/vmlinux")
 ROOT_DISK = Path("/dev/vdb")
-BLKBACK = Path("/sys/module/xen_blkback")
 # What the zone's PYTHONPATH (/opt/vgpu-zone) needs from the checkout; missing parts are skipped
 # (libvgpu/build exists only where libvgpu was built).
 PAYLOAD_PARTS = ("cri_runtime", "idm", "vgpu_common", "libvgpu/build")
@@ -65,11 +63,8 @@ def zone_boot(share: Path = SHARE) -> ZoneBoot:
 
 
 def load_blkback() -> None:
-    """Load Dom0's block backend: without udev nothing loads it when a domain's first disk
-    appears, and libxl then fails with "unable to add device"."""
-    if not BLKBACK.exists():
-        done = subprocess.run(["modprobe", "xen-blkback"], capture_output=True, text=True)
-        assert done.returncode == 0, f"modprobe xen-blkback failed: {done.stderr.strip()}"
+    """Dom0's block backend, as the Xen zone backend loads it at start (no udev here)."""
+    load_block_backend()
     assert BLKBACK.exists(), f"xen-blkback loaded but {BLKBACK} is missing"
 
 
