@@ -434,6 +434,12 @@ class PodManager:
             raise InvalidArgument("container metadata needs a name")
         if not config.image.image:
             raise InvalidArgument(f"container {config.metadata.name!r}: no image given")
+        if config.mounts and not self.backend.shares_host_paths:
+            paths = ", ".join(m.host_path for m in config.mounts)
+            raise FailedPrecondition(
+                f"container {config.metadata.name!r}: the {self.backend.name} zone backend "
+                f"cannot mount host paths into a zone yet ({paths})"
+            )
         with self._pod(sandbox_id):
             sandbox = self.sandbox(sandbox_id)
             agent = self._agent(sandbox)

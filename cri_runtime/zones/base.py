@@ -82,6 +82,9 @@ class ZoneBackend(Protocol):
     # True: the agent cannot write the host's CRI log files (Xen: they would be in the domU);
     # it buffers each container's log and the runtime pulls it (READ_LOG, cri_runtime/logs.py).
     relays_logs: bool
+    # True: the zone sees the host's files, so CRI mounts (host_path) can be bind-mounted into
+    # containers. Xen zones cannot: kubelet's host paths do not exist in a domU.
+    shares_host_paths: bool
 
     def boot(self, spec: ZoneSpec) -> ZoneInfo:
         """Start the zone and wait (up to spec.boot_timeout_s) until its agent is ready.

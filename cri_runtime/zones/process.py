@@ -200,6 +200,7 @@ class ProcessZoneBackend:
     name = "process"
     gpu_proxy_finds_zones = False
     relays_logs = False  # the agent writes the CRI log files on this host itself
+    shares_host_paths = True  # zones are host processes: mounts are plain bind mounts
 
     def __init__(
         self,

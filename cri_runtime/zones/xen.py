@@ -135,6 +135,7 @@ class XenZoneBackend:
     name = "xen"
     gpu_proxy_finds_zones = True
     relays_logs = True  # the agent's log files are in the domU: the runtime pulls them
+    shares_host_paths = False  # CRI mounts would need the files carried into the domU
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ CID = "b" * 64
 class FakeBackend:
     name = "fake"
     relays_logs = False
+    shares_host_paths = True
 
     def __init__(self) -> None:
         self.stopped: list[str] = []

@@ -7,8 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from cri_runtime.config import RuntimeConfig
 from cri_runtime.cri.gen import api_pb2
+from cri_runtime.errors import FailedPrecondition
 from cri_runtime.gpu import GpuProxyClient
 from cri_runtime.images.store import ImageStore
 from cri_runtime.pods import PodManager
@@ -22,6 +25,7 @@ class DiscoveredZones:
     name = "xen-like"
     gpu_proxy_finds_zones = True
     relays_logs = True
+    shares_host_paths = False
 
     def __init__(self) -> None:
         self.booted: list[ZoneSpec] = []
@@ -82,3 +86,23 @@ def test_gpu_quota_goes_to_the_zone_not_to_zone_control(tmp_path: Path) -> None:
     default = pods.run_sandbox(pod_config({}, "u3"), "vgpu-isolated")
     gpu = backend.booted[-1].gpu
     assert gpu is not None and gpu.memory_limit == 0 and default.state == SandboxState.READY
+
+
+def test_host_mounts_are_refused_before_anything_is_made(tmp_path: Path) -> None:
+    """kubelet's host paths do not exist in a domU: a clear FailedPrecondition naming them, not a
+    runc failure inside the zone."""
+    backend = DiscoveredZones()
+    pods = PodManager(
+        RuntimeConfig(state_dir=tmp_path),
+        RuntimeState(tmp_path),
+        cast(ZoneBackend, backend),
+        cast(ImageStore, None),  # never reached
+        cast(GpuProxyClient, RefusingGpu()),
+    )
+    config = api_pb2.ContainerConfig()
+    config.metadata.name = "c"
+    config.image.image = "busybox"
+    config.mounts.add(host_path="/etc/hosts", container_path="/etc/hosts")
+    with pytest.raises(FailedPrecondition, match=r"cannot mount host paths.*\(/etc/hosts\)"):
+        pods.create_container("no-such-pod", config, pod_config({}))
+    assert list(RuntimeState(tmp_path).containers.all()) == []
