@@ -501,7 +501,11 @@ class ProcessZoneBackend:
         token = secrets.token_hex(8)
         directory = self.root / STANDBY_DIR / token
         directory.mkdir(mode=0o700, parents=True)
+        # Started at STANDBY_NICE (nice's increment clamps at 19) rather than reniced after the
+        # spawn: a renice races the agent's start and could miss it.
         command = [
+            "nice",
+            f"-n{STANDBY_NICE}",
             *self._unshare_command(),
             f"{STANDBY_FLAG}={token}",
             f"--oci-runtime={self._oci_runtime}",
@@ -512,16 +516,13 @@ class ProcessZoneBackend:
         except OSError:
             shutil.rmtree(directory, ignore_errors=True)
             raise
+        _wait_past_nice(process.pid)
         unshare = pids.identify(process.pid)
         if unshare is None:
             tail = _tail(directory / AGENT_LOG)
             _kill_session(process)
             shutil.rmtree(directory, ignore_errors=True)
             raise OSError(f"unshare exited at once: {tail}")
-        # every thread of unshare and its agent (their process group); the agent's next ones
-        # inherit it
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PGRP, process.pid, STANDBY_NICE)
         return _Standby(directory, process, unshare)
 
     @staticmethod
@@ -644,6 +645,19 @@ class ProcessZoneBackend:
             self._children.pop(zone_id, None)
         if connection is not None:
             connection.close()
+
+
+def _wait_past_nice(pid: int) -> None:
+    """Until ``nice`` has set the standby's priority and exec'd unshare (at once, normally):
+    a standby taken earlier would get its zone priority back before nice lowered it."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "nice":
+                return
+        except OSError:
+            return  # exited: the caller finds out
+        time.sleep(0.001)
 
 
 def _assign(standby: subprocess.Popen[bytes], flags: builtins.list[str]) -> None:
