@@ -52,42 +52,29 @@ static CUresult event_call(uint32_t opcode, CUevent event,
 
 VGPU_API CUresult CUDAAPI cuEventCreate(CUevent *phEvent, unsigned int Flags)
 {
-    uint8_t req[8], rep[8];
-    size_t len;
     uint64_t id;
     CUcontext ctx;
     struct CUevent_st *e;
-    struct iovec iov = {req, 0};
     CUresult r = vgpu_current_context(&ctx, NULL);
 
     if (r)
         return r;
     if (!phEvent)
         return CUDA_ERROR_INVALID_VALUE;
-    iov.iov_len = (size_t)vgpu_marshal_cuEventCreate(req, sizeof(req), Flags);
-    r = vgpu_call(VGPU_OP_cuEventCreate, &iov, 1, rep, sizeof(rep), &len);
+    r = vgpu_remote_create(VGPU_OP_cuEventCreate, vgpu_marshal_cuEventCreate,
+                           vgpu_unmarshal_cuEventCreate_reply, Flags, &id);
     if (r)
         return r;
-    if (vgpu_unmarshal_cuEventCreate_reply(rep, len, &id) < 0)
-        return CUDA_ERROR_UNKNOWN;
     e = malloc(sizeof(*e));
     if (e) {
         e->obj = (struct vgpu_object){VGPU_KIND_EVENT, id, ctx, free_event};
         e->flags = Flags;
-        vgpu_lock();
-        if (vgpu_objects_add(&e->obj)) {
-            free(e);
-            e = NULL;
-        }
-        vgpu_unlock();
     }
-    if (!e) {
-        iov.iov_len = (size_t)vgpu_marshal_cuEventDestroy_v2(req, sizeof(req), id);
-        (void)vgpu_call(VGPU_OP_cuEventDestroy_v2, &iov, 1, rep, sizeof(rep), &len);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    *phEvent = e;
-    return CUDA_SUCCESS;
+    r = vgpu_remote_adopt(e ? &e->obj : NULL, id, VGPU_OP_cuEventDestroy_v2,
+                          vgpu_marshal_cuEventDestroy_v2);
+    if (!r)
+        *phEvent = e;
+    return r;
 }
 
 VGPU_API CUresult CUDAAPI cuEventRecord(CUevent hEvent, CUstream hStream)

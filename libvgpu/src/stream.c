@@ -60,24 +60,19 @@ static void free_stream(struct vgpu_object *obj)
 VGPU_API CUresult CUDAAPI cuStreamCreateWithPriority(CUstream *phStream, unsigned int Flags,
                                                      int priority)
 {
-    uint8_t req[8], rep[8];
-    size_t len;
     uint64_t id;
     CUcontext ctx;
     struct CUstream_st *s;
-    struct iovec iov = {req, 0};
     CUresult r = vgpu_current_context(&ctx, NULL);
 
     if (r)
         return r;
     if (!phStream)
         return CUDA_ERROR_INVALID_VALUE;
-    iov.iov_len = (size_t)vgpu_marshal_cuStreamCreate(req, sizeof(req), Flags);
-    r = vgpu_call(VGPU_OP_cuStreamCreate, &iov, 1, rep, sizeof(rep), &len);
+    r = vgpu_remote_create(VGPU_OP_cuStreamCreate, vgpu_marshal_cuStreamCreate,
+                           vgpu_unmarshal_cuStreamCreate_reply, Flags, &id);
     if (r)
         return r;
-    if (vgpu_unmarshal_cuStreamCreate_reply(rep, len, &id) < 0)
-        return CUDA_ERROR_UNKNOWN;
     s = malloc(sizeof(*s));
     if (s) {
         s->obj = (struct vgpu_object){VGPU_KIND_STREAM, id, ctx, free_stream};
@@ -85,20 +80,12 @@ VGPU_API CUresult CUDAAPI cuStreamCreateWithPriority(CUstream *phStream, unsigne
         s->priority = priority > LEAST_PRIORITY      ? LEAST_PRIORITY
                       : priority < GREATEST_PRIORITY ? GREATEST_PRIORITY
                                                      : priority;
-        vgpu_lock();
-        if (vgpu_objects_add(&s->obj)) {
-            free(s);
-            s = NULL;
-        }
-        vgpu_unlock();
     }
-    if (!s) {
-        iov.iov_len = (size_t)vgpu_marshal_cuStreamDestroy_v2(req, sizeof(req), id);
-        (void)vgpu_call(VGPU_OP_cuStreamDestroy_v2, &iov, 1, rep, sizeof(rep), &len);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    *phStream = s;
-    return CUDA_SUCCESS;
+    r = vgpu_remote_adopt(s ? &s->obj : NULL, id, VGPU_OP_cuStreamDestroy_v2,
+                          vgpu_marshal_cuStreamDestroy_v2);
+    if (!r)
+        *phStream = s;
+    return r;
 }
 
 VGPU_API CUresult CUDAAPI cuStreamCreate(CUstream *phStream, unsigned int Flags)

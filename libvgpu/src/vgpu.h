@@ -125,6 +125,17 @@ struct vgpu_object **vgpu_objects_detach_owned(CUcontext ctx, size_t *n);
 /* The child of a fork owns none of its parent's GPU objects: forget them all (fork.c). */
 void vgpu_objects_reset(void);
 
+/* Remote objects created from a flags argument (remote_object.c): create one and get its id,
+ * then register its local wrapper (obj NULL: it could not be allocated). On failure to register,
+ * the host's object is destroyed again and CUDA_ERROR_OUT_OF_MEMORY returned. */
+typedef int (*vgpu_marshal_flags_fn)(uint8_t *, size_t, unsigned int);
+typedef int (*vgpu_unmarshal_id_fn)(const uint8_t *, size_t, uint64_t *);
+typedef int (*vgpu_marshal_id_fn)(uint8_t *, size_t, uint64_t);
+CUresult vgpu_remote_create(uint32_t opcode, vgpu_marshal_flags_fn marshal,
+                            vgpu_unmarshal_id_fn unmarshal, unsigned int flags, uint64_t *id);
+CUresult vgpu_remote_adopt(struct vgpu_object *obj, uint64_t id, uint32_t destroy_opcode,
+                           vgpu_marshal_id_fn marshal_destroy);
+
 /* ---- allocations.c: device memory this process allocated (vgpu_lock held) ----------------- */
 
 struct vgpu_allocation {
