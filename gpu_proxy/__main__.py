@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = make_backend(config)
     config.socket_dir.mkdir(parents=True, exist_ok=True)
     bus = EventBus()
-    registry = ZoneRegistry(backend, config.socket_dir, bus)
+    registry = ZoneRegistry(backend, config.socket_dir, bus, config.module_cache_bytes)
     try:
         xen_zones = start_xen_zones(config, registry)
     except OSError as exc:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gpu_proxy.module_cache import DEFAULT_MODULE_CACHE_BYTES
 from vgpu_common.settings import TomlSettings, load_settings
 
 DEFAULT_CONFIG = Path("/etc/vgpu-isolated/gpu-proxy.toml")
@@ -36,6 +37,14 @@ class ProxyConfig(TomlSettings):
     events_address: str = Field(
         "unix:///run/vgpu-isolated/gpu-proxy-events.sock",
         description="gRPC address of the zone event stream (unix:///path or host:port)",
+    )
+    module_cache_bytes: int = Field(
+        DEFAULT_MODULE_CACHE_BYTES,
+        ge=0,
+        description=(
+            "module images kept for all zones together, so a zone sends each image once "
+            "(a zone is only answered from images it sent itself); 0 turns the cache off"
+        ),
     )
     xen_zones: Literal["auto", "on", "off"] = Field(
         "auto",

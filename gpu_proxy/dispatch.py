@@ -27,6 +27,7 @@ from gpu_proxy.errors import (
 )
 from gpu_proxy.gen.dispatch_table import DISPATCH, CallHandlers, invoke
 from gpu_proxy.handles import HandleKind
+from gpu_proxy.kernel_table import encode_page
 from gpu_proxy.telemetry.events import EventKind
 from gpu_proxy.telemetry.zone_stats import MemcpyDirection
 from gpu_proxy.zone import Caller
@@ -55,6 +56,25 @@ def _stream(caller: Caller, handle: int) -> Stream | None:
 def _check_device(dev: int) -> None:
     if dev != DEVICE:
         raise InvalidDevice(f"device {dev}: a zone has device 0 only")
+
+
+def _load_module(caller: Caller, image: bytes) -> int:
+    """Load an image in the zone's context; its handle. A module's variables are device memory:
+    charged to the zone's quota (a module with huge `__device__` arrays must not get around it),
+    and registered as ranges the zone may copy to and from, but not free."""
+    zone = caller.zone
+    module = zone.backend.module_load(zone.context, image)
+    charge = sum(v.size for v in module.globals.values())
+    try:
+        if charge:
+            zone.ledger.reserve(zone.id, charge)
+    except OutOfMemory:
+        zone.backend.module_unload(zone.context, module)
+        raise
+    handle = zone.handles.add(H.MODULE, module)
+    for var in module.globals.values():
+        zone.allocations.add(var.address, var.size, owner=handle)
+    return handle
 
 
 class ProxyCalls(CallHandlers[Caller]):
@@ -312,22 +332,25 @@ class ProxyCalls(CallHandlers[Caller]):
     def cuModuleLoadData(
         self, ctx: Caller, req: c.cuModuleLoadData_Request
     ) -> c.cuModuleLoadData_Reply:
-        """A module's variables are device memory: charged to the zone's quota (a module with
-        huge `__device__` arrays must not get around it), and registered as ranges the zone may
-        copy to and from, but not free."""
-        zone = ctx.zone
-        module = zone.backend.module_load(zone.context, bytes(req.image))
-        charge = sum(v.size for v in module.globals.values())
-        try:
-            if charge:
-                zone.ledger.reserve(zone.id, charge)
-        except OutOfMemory:
-            zone.backend.module_unload(zone.context, module)
-            raise
-        handle = zone.handles.add(H.MODULE, module)
-        for var in module.globals.values():
-            zone.allocations.add(var.address, var.size, owner=handle)
+        image = bytes(req.image)
+        handle = _load_module(ctx, image)
+        ctx.zone.images.put(ctx.zone.id, image)
         return c.cuModuleLoadData_Reply(handle)
+
+    def vgpuModuleLoadCached(
+        self, ctx: Caller, req: c.vgpuModuleLoadCached_Request
+    ) -> c.vgpuModuleLoadCached_Reply:
+        image = ctx.zone.images.get(ctx.zone.id, bytes(req.digest))
+        if image is None:
+            raise NotFound("no module image with that digest from this zone: send it")
+        return c.vgpuModuleLoadCached_Reply(_load_module(ctx, image))
+
+    def vgpuModuleGetKernels(
+        self, ctx: Caller, req: c.vgpuModuleGetKernels_Request
+    ) -> c.vgpuModuleGetKernels_Reply:
+        module = ctx.zone.handles.get(H.MODULE, req.hmod)
+        page = encode_page(list(module.kernels.values()), req.first, req.tableSize)
+        return c.vgpuModuleGetKernels_Reply(page)
 
     def cuModuleUnload(self, ctx: Caller, req: c.cuModuleUnload_Request) -> int:
         zone = ctx.zone

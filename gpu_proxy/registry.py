@@ -17,6 +17,7 @@ import structlog
 from gpu_proxy import errors
 from gpu_proxy.backends.base import GpuBackend
 from gpu_proxy.dispatch import call_handlers
+from gpu_proxy.module_cache import DEFAULT_MODULE_CACHE_BYTES, ModuleImageCache
 from gpu_proxy.quota import MemoryLedger
 from gpu_proxy.shared_host import SharedHostMemory
 from gpu_proxy.spin import SpinBudget
@@ -139,8 +140,15 @@ class _ZoneEndpoint:
 
 
 class ZoneRegistry:
-    def __init__(self, backend: GpuBackend, socket_dir: Path, bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        backend: GpuBackend,
+        socket_dir: Path,
+        bus: EventBus | None = None,
+        module_cache_bytes: int = DEFAULT_MODULE_CACHE_BYTES,
+    ) -> None:
         self.backend = backend
+        self.images = ModuleImageCache(module_cache_bytes)
         self.ledger = MemoryLedger(backend.device_info().total_mem)
         self.socket_dir = socket_dir
         self.bus = bus if bus is not None else EventBus()
@@ -168,7 +176,7 @@ class ZoneRegistry:
         with self._lock:
             if zone_id in self._zones:
                 raise ZoneAlreadyRegistered(f"zone {zone_id!r} is already registered")
-            zone = Zone(identity, self.backend, self.ledger, memory_limit, self.bus)
+            zone = Zone(identity, self.backend, self.ledger, memory_limit, self.bus, self.images)
             self._zones[zone_id] = _ZoneEndpoint(zone, path, self.spin)
         socket = "" if path is None else str(path)
         log.info("zone registered", zone=zone_id, memory_limit=zone.memory_limit, socket=socket)

@@ -16,6 +16,7 @@ import structlog
 
 from gpu_proxy.backends.base import Context, GpuBackend
 from gpu_proxy.handles import DeviceAllocations, HandleKind, HandleTable
+from gpu_proxy.module_cache import ModuleImageCache
 from gpu_proxy.quota import MemoryLedger
 from gpu_proxy.shared_host import SharedHostMemory
 from gpu_proxy.telemetry.events import EventBus, EventKind
@@ -35,6 +36,7 @@ class Zone:
         ledger: MemoryLedger,
         limit: int,
         bus: EventBus,
+        images: ModuleImageCache,
     ) -> None:
         self.id = identity.zone
         self.identity = identity
@@ -42,6 +44,7 @@ class Zone:
         self.bus = bus
         zone_id = self.id
         self.backend = backend
+        self.images = images  # module images this zone sent, answered by digest
         self.ledger = ledger
         self.memory_limit = ledger.set_limit(zone_id, limit)
         self.handles: HandleTable[Any] = HandleTable()
@@ -64,6 +67,7 @@ class Zone:
             if self._closed:
                 return Counter()
             self._closed = True
+        self.images.forget_zone(self.id)
         reclaimed: Counter[str] = Counter()
         release = {
             HandleKind.FUNCTION: lambda obj: None,  # goes with its module

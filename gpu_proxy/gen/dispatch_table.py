@@ -182,6 +182,14 @@ class CallHandlers(Generic[Ctx]):
         """cuModuleGetGlobal_v2 (0x0404, sync); a __device__/__constant__ variable of the module: gpu-proxy charged its memory to the zone when the module was loaded."""
         return CUDA_ERROR_NOT_SUPPORTED
 
+    def vgpuModuleLoadCached(self, ctx: Ctx, req: codec.vgpuModuleLoadCached_Request) -> codec.vgpuModuleLoadCached_Reply | int:
+        """vgpuModuleLoadCached (0x0405, sync); cuModuleLoadData by the image's SHA-256: gpu-proxy loads an image this zone sent before (CUDA_ERROR_NOT_FOUND otherwise: libvgpu then sends it)."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
+    def vgpuModuleGetKernels(self, ctx: Ctx, req: codec.vgpuModuleGetKernels_Request) -> codec.vgpuModuleGetKernels_Reply | int:
+        """vgpuModuleGetKernels (0x0406, sync); one page of a loaded module's kernel table (names, parameter layouts, attributes; format in gpu_proxy/kernel_table.py), from kernel `first` on."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
     def cuFuncGetAttribute(self, ctx: Ctx, req: codec.cuFuncGetAttribute_Request) -> codec.cuFuncGetAttribute_Reply | int:
         """cuFuncGetAttribute (0x0501, sync)."""
         return CUDA_ERROR_NOT_SUPPORTED
@@ -587,6 +595,23 @@ DISPATCH: dict[int, Entry] = {
         codec.encode_cuModuleGetGlobal_v2_reply,
         False,
         codec.CALLS[0x0404],
+    ),
+    0x0405: Entry(
+        "vgpuModuleLoadCached",
+        codec.decode_vgpuModuleLoadCached_request,
+        "vgpuModuleLoadCached",
+        codec.encode_vgpuModuleLoadCached_reply,
+        False,
+        codec.CALLS[0x0405],
+    ),
+    0x0406: Entry(
+        "vgpuModuleGetKernels",
+        codec.decode_vgpuModuleGetKernels_request,
+        "vgpuModuleGetKernels",
+        codec.encode_vgpuModuleGetKernels_reply,
+        False,
+        codec.CALLS[0x0406],
+        codec.encode_vgpuModuleGetKernels_reply_parts,
     ),
     0x0501: Entry(
         "cuFuncGetAttribute",

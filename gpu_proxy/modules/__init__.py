@@ -3,6 +3,7 @@ backend can run them and the proxy can marshal `cuLaunchKernel` parameters."""
 
 from gpu_proxy.modules.elf import (
     GlobalInfo,
+    KernelAttributes,
     KernelInfo,
     ModuleImageError,
     NoCompatibleImageError,
@@ -21,6 +22,7 @@ __all__ = [
     "FatbinEntry",
     "GlobalInfo",
     "ImageKind",
+    "KernelAttributes",
     "KernelInfo",
     "ModuleImage",
     "ModuleImageError",

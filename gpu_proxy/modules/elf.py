@@ -34,6 +34,11 @@ EIATTR_KPARAM_INFO = 0x17  # SVAL: u32 index, u16 ordinal, u16 offset, u32 packe
 EIATTR_CBANK_PARAM_SIZE = 0x19  # HVAL: total parameter bytes
 # nvcc 12.1+ for parameter lists past 4 KiB: u32 index, u16 ordinal, u16 offset, u16 size, u16
 EIATTR_KPARAM_INFO_V2 = 0x45
+EIATTR_MAX_THREADS = 0x05  # SVAL: u32 x, y, z (__launch_bounds__)
+EIATTR_FRAME_SIZE = 0x11  # SVAL in .nv.info: u32 symbol index, u32 local bytes per thread
+EIATTR_REGCOUNT = 0x2F  # SVAL in .nv.info: u32 symbol index, u32 registers per thread
+# Shared memory the hardware keeps per block (sm_80 and later); see _shared_static.
+RESERVED_SHARED = 1024
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
@@ -41,6 +46,8 @@ _SYM = struct.Struct("<IBBHQQ")
 _KPARAM = struct.Struct("<IHHI")
 _KPARAM_V2 = struct.Struct("<IHHH")
 _PARAM_CBANK = struct.Struct("<IHH")
+_MAX_THREADS = struct.Struct("<III")
+_SYMBOL_VALUE = struct.Struct("<II")
 
 
 class ModuleImageError(ValueError):
@@ -61,12 +68,27 @@ class ParamInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelAttributes:
+    """What `cuFuncGetAttribute` reports of a cubin kernel (a PTX kernel's are known only after
+    the driver compiles it). `max_threads` is the product of its launch bounds, 0 for none."""
+
+    num_regs: int = 0
+    shared_static: int = 0
+    const_bytes: int = 0
+    local_bytes: int = 0
+    max_threads: int = 0
+    arch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class KernelInfo:
-    """A kernel's name (as in the symbol table) and the layout `cuLaunchKernel` must marshal."""
+    """A kernel's name (as in the symbol table), the layout `cuLaunchKernel` must marshal and,
+    for cubin code, its attributes."""
 
     name: str
     params: tuple[ParamInfo, ...]
     param_bytes: int
+    attributes: KernelAttributes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +213,8 @@ def elf_arch(data: bytes) -> int:
 
 def _entry_symbols(
     data: bytes, symtab: _Section, sections: list[_Section], budget: list[int]
-) -> list[str]:
-    """Names of the function symbols marked as kernel entry points."""
+) -> list[tuple[int, str]]:
+    """(symbol index, name) of the function symbols marked as kernel entry points."""
     if symtab.entsize != _SYM.size:
         raise ModuleImageError(f"symbol table entry size {symtab.entsize}, expected {_SYM.size}")
     if not 0 < symtab.link < len(sections):
@@ -203,7 +225,7 @@ def _entry_symbols(
     for i in range(len(table) // _SYM.size):
         name, info, other, _shndx, _value, _size = _SYM.unpack_from(table, i * _SYM.size)
         if info & 0xF == STT_FUNC and other & STO_CUDA_ENTRY:
-            out.append(strings.get(name, f"symbol {i} name"))
+            out.append((i, strings.get(name, f"symbol {i} name")))
     return out
 
 
@@ -308,6 +330,38 @@ def kernel_info(name: str, info: bytes) -> KernelInfo:
     return KernelInfo(name, params, total)
 
 
+def _max_threads(info: bytes, what: str) -> int:
+    """The product of a kernel's launch bounds (EIATTR_MAX_THREADS), 0 when it has none."""
+    for attr, value in _attributes(info, what):
+        if attr == EIATTR_MAX_THREADS:
+            x, y, z = unpack(_MAX_THREADS, value, 0, f"{what} MAX_THREADS")
+            return int(min(x * y * z, 0xFFFF_FFFF))
+    return 0
+
+
+def _per_symbol(info: bytes, attr: int) -> dict[int, int]:
+    """Values the module-wide `.nv.info` gives per symbol index for `attr` (REGCOUNT or
+    FRAME_SIZE)."""
+    out: dict[int, int] = {}
+    for found, value in _attributes(info, ".nv.info"):
+        if found == attr and len(value) >= _SYMBOL_VALUE.size:
+            symbol, amount = _SYMBOL_VALUE.unpack_from(value)
+            out[symbol] = amount
+    return out
+
+
+def _shared_static(name: str, by_name: dict[str, _Section]) -> int:
+    """Static shared memory of kernel `name`: the size of its `.nv.shared.<name>` section. nvcc
+    13 for sm_90 places shared variables after the 1 KiB the hardware reserves per block and
+    says so with a `.nv.shared.reserved.N` section; the kernel's section then spans that window,
+    which is not the kernel's own memory."""
+    sec = by_name.get(f".nv.shared.{name}")
+    if sec is None:
+        return 0
+    reserved = any(n.startswith(".nv.shared.reserved.") for n in by_name)
+    return sec.size - RESERVED_SHARED if reserved and sec.size >= RESERVED_SHARED else sec.size
+
+
 def parse_cubin(data: bytes) -> Cubin:
     """Kernels (symbols marked STO_CUDA_ENTRY) of an ELF cubin, with their parameter layouts."""
     arch = elf_arch(data)
@@ -319,11 +373,26 @@ def parse_cubin(data: bytes) -> Cubin:
     symtabs = [s for s in sections if s.type == SHT_SYMTAB]
     if len(symtabs) != 1:
         raise ModuleImageError(f"cubin has {len(symtabs)} symbol tables, expected 1")
+    module_info = by_name.get(".nv.info")
+    module_bytes = _section_bytes(data, module_info) if module_info is not None else b""
+    regs = _per_symbol(module_bytes, EIATTR_REGCOUNT)
+    frames = _per_symbol(module_bytes, EIATTR_FRAME_SIZE)
+    constants = by_name.get(".nv.constant3")
+    const_bytes = constants.size if constants is not None else 0
     kernels: dict[str, KernelInfo] = {}
-    for name in _entry_symbols(data, symtabs[0], sections, budget):
+    for index, name in _entry_symbols(data, symtabs[0], sections, budget):
         if name in kernels:
             raise ModuleImageError(f"kernel {name} defined twice")
         info = by_name.get(f".nv.info.{name}")
         info_bytes = _section_bytes(data, info) if info is not None else b""
-        kernels[name] = kernel_info(name, info_bytes)
+        layout = kernel_info(name, info_bytes)
+        attributes = KernelAttributes(
+            num_regs=regs.get(index, 0),
+            shared_static=_shared_static(name, by_name),
+            const_bytes=const_bytes,
+            local_bytes=frames.get(index, 0),
+            max_threads=_max_threads(info_bytes, f".nv.info.{name}"),
+            arch=arch,
+        )
+        kernels[name] = KernelInfo(name, layout.params, layout.param_bytes, attributes)
     return Cubin(arch, kernels, _global_symbols(data, symtabs[0], sections, budget))

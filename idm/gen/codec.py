@@ -32,7 +32,7 @@ __all__ = [
     "CALL_TABLE_DIGEST",
 ]
 
-CALL_TABLE_DIGEST = "69c8f1d713d6fdb794a6fa5f2a41c56f4e5b341b8b389b5fb747265b94c62fcc"
+CALL_TABLE_DIGEST = "e8b6ed9ef9f4b613469cdfbeef550f45709766cc9c2792def9eb6d0798041ce8"
 
 # Function bodies use only these aliases, so an arg may be named like any builtin.
 _Struct = struct.Struct
@@ -1792,6 +1792,128 @@ def decode_cuModuleGetGlobal_v2_reply(payload: Buffer) -> cuModuleGetGlobal_v2_R
     return cuModuleGetGlobal_v2_Reply._make(_REP_cuModuleGetGlobal_v2.unpack_from(_p))
 
 
+# ---- vgpuModuleLoadCached (0x0405, sync) --------------------------------------------------------
+class vgpuModuleLoadCached_Request(NamedTuple):
+    digest: Buffer
+
+
+class vgpuModuleLoadCached_Reply(NamedTuple):
+    module: int
+
+
+_REQ_vgpuModuleLoadCached = _Struct("<32s")
+_REQ_vgpuModuleLoadCached_FIELDS = (("digest", "32s"),)
+_REP_vgpuModuleLoadCached = _Struct("<Q")
+_REP_vgpuModuleLoadCached_FIELDS = (("module", "Q"),)
+
+
+def encode_vgpuModuleLoadCached_request(digest: Buffer) -> bytes:
+    try:
+        _x_digest = _bytes(_view(digest))
+    except TypeError:
+        raise _EncodeError(f"vgpuModuleLoadCached request: digest must be a bytes-like object, not {_type(digest).__name__}") from None
+    if _len(_x_digest) != 32:
+        raise _EncodeError(f"vgpuModuleLoadCached request: digest is {_len(_x_digest)} bytes, must be 32")
+    try:
+        _head = _REQ_vgpuModuleLoadCached.pack(_x_digest)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuModuleLoadCached request", _REQ_vgpuModuleLoadCached_FIELDS, (_x_digest,), _e) from None
+    return _head
+
+
+def decode_vgpuModuleLoadCached_request(payload: Buffer) -> vgpuModuleLoadCached_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 32:
+        raise _DecodeError(f"vgpuModuleLoadCached request: payload is {_n} bytes, expected 32")
+    return vgpuModuleLoadCached_Request._make(_REQ_vgpuModuleLoadCached.unpack_from(_p))
+
+
+def encode_vgpuModuleLoadCached_reply(module: int) -> bytes:
+    try:
+        _head = _REP_vgpuModuleLoadCached.pack(module)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuModuleLoadCached reply", _REP_vgpuModuleLoadCached_FIELDS, (module,), _e) from None
+    return _head
+
+
+def decode_vgpuModuleLoadCached_reply(payload: Buffer) -> vgpuModuleLoadCached_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 8:
+        raise _DecodeError(f"vgpuModuleLoadCached reply: payload is {_n} bytes, expected 8")
+    return vgpuModuleLoadCached_Reply._make(_REP_vgpuModuleLoadCached.unpack_from(_p))
+
+
+# ---- vgpuModuleGetKernels (0x0406, sync) --------------------------------------------------------
+class vgpuModuleGetKernels_Request(NamedTuple):
+    hmod: int
+    first: int
+    tableSize: int
+
+
+class vgpuModuleGetKernels_Reply(NamedTuple):
+    table: Buffer
+
+
+_REQ_vgpuModuleGetKernels = _Struct("<QII")
+_REQ_vgpuModuleGetKernels_FIELDS = (("hmod", "Q"), ("first", "I"), ("tableSize", "I"))
+
+
+def encode_vgpuModuleGetKernels_request(hmod: int, first: int, tableSize: int) -> bytes:
+    try:
+        _head = _REQ_vgpuModuleGetKernels.pack(hmod, first, tableSize)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuModuleGetKernels request", _REQ_vgpuModuleGetKernels_FIELDS, (hmod, first, tableSize), _e) from None
+    if not 0 <= tableSize <= 262144:
+        raise _EncodeError(f"vgpuModuleGetKernels request: tableSize = {tableSize} is outside 0..262144 (capacity of table)")
+    return _head
+
+
+def decode_vgpuModuleGetKernels_request(payload: Buffer) -> vgpuModuleGetKernels_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 16:
+        raise _DecodeError(f"vgpuModuleGetKernels request: payload is {_n} bytes, expected 16")
+    _f = _REQ_vgpuModuleGetKernels.unpack_from(_p)
+    if _f[2] > 262144:
+        raise _DecodeError(f"vgpuModuleGetKernels request: tableSize = {_f[2]} is outside 0..262144 (capacity of table)")
+    return vgpuModuleGetKernels_Request._make(_f)
+
+
+def encode_vgpuModuleGetKernels_reply_parts(table: Buffer) -> tuple[Buffer, ...]:
+    try:
+        _x_table = _view(table)
+    except TypeError:
+        raise _EncodeError(f"vgpuModuleGetKernels reply: table must be a bytes-like object, not {_type(table).__name__}") from None
+    if _len(_x_table) > 262144:
+        raise _EncodeError(f"vgpuModuleGetKernels reply: table is {_len(_x_table)} bytes, more than the max 262144")
+    return (_U32.pack(_len(_x_table)), _x_table)
+
+
+def encode_vgpuModuleGetKernels_reply(table: Buffer) -> bytes:
+    return b"".join(encode_vgpuModuleGetKernels_reply_parts(table))
+
+
+def decode_vgpuModuleGetKernels_reply(payload: Buffer) -> vgpuModuleGetKernels_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    _o = 0
+    if _n - _o < 4:
+        raise _DecodeError("vgpuModuleGetKernels reply: payload ends before the length of table")
+    (_l,) = _U32.unpack_from(_p, _o)
+    _o += 4
+    if _l > 262144:
+        raise _DecodeError(f"vgpuModuleGetKernels reply: table is {_l} bytes, more than the max 262144")
+    if _n - _o < _l:
+        raise _DecodeError(f"vgpuModuleGetKernels reply: table is {_l} bytes, only {_n - _o} left")
+    _x_table = _p[_o : _o + _l]
+    _o += _l
+    if _o != _n:
+        raise _DecodeError(f"vgpuModuleGetKernels reply: {_n - _o} trailing bytes")
+    return vgpuModuleGetKernels_Reply(_x_table)
+
+
 # ---- cuFuncGetAttribute (0x0501, sync) ----------------------------------------------------------
 class cuFuncGetAttribute_Request(NamedTuple):
     attrib: int
@@ -3275,6 +3397,36 @@ CALLS: dict[int, CallCodec] = {
         out_handles=(),
         out_caps=(),
         bounds=(("name", 4096),),
+    ),
+    0x0405: CallCodec(
+        name="vgpuModuleLoadCached",
+        opcode=0x0405,
+        is_async=False,
+        request_type=vgpuModuleLoadCached_Request,
+        reply_type=vgpuModuleLoadCached_Reply,
+        encode_request=encode_vgpuModuleLoadCached_request,
+        decode_request=decode_vgpuModuleLoadCached_request,
+        encode_reply=encode_vgpuModuleLoadCached_reply,
+        decode_reply=decode_vgpuModuleLoadCached_reply,
+        in_handles=(),
+        out_handles=(HandleRef("module", "module", False),),
+        out_caps=(),
+        bounds=(),
+    ),
+    0x0406: CallCodec(
+        name="vgpuModuleGetKernels",
+        opcode=0x0406,
+        is_async=False,
+        request_type=vgpuModuleGetKernels_Request,
+        reply_type=vgpuModuleGetKernels_Reply,
+        encode_request=encode_vgpuModuleGetKernels_request,
+        decode_request=decode_vgpuModuleGetKernels_request,
+        encode_reply=encode_vgpuModuleGetKernels_reply,
+        decode_reply=decode_vgpuModuleGetKernels_reply,
+        in_handles=(HandleRef("hmod", "module", False),),
+        out_handles=(),
+        out_caps=(("table", "tableSize"),),
+        bounds=(("table", 262144),),
     ),
     0x0501: CallCodec(
         name="cuFuncGetAttribute",

@@ -21,9 +21,9 @@
 
 /* == IDM_MAX_PAYLOAD in idm.h */
 #define VGPU_MAX_PAYLOAD (64u << 20)
-#define VGPU_NUM_CALLS 59
+#define VGPU_NUM_CALLS 61
 /* First 64 bits of the call table's SHA-256 (both ends can compare it at hello). */
-#define VGPU_CALL_TABLE_DIGEST 0x69c8f1d713d6fdb7ull
+#define VGPU_CALL_TABLE_DIGEST 0xe8b6ed9ef9f4b613ull
 
 /* ---- opcodes ---- */
 #define VGPU_OP_cuInit                       0x0101u
@@ -64,6 +64,8 @@
 #define VGPU_OP_cuModuleUnload               0x0402u
 #define VGPU_OP_cuModuleGetFunction          0x0403u
 #define VGPU_OP_cuModuleGetGlobal_v2         0x0404u
+#define VGPU_OP_vgpuModuleLoadCached         0x0405u
+#define VGPU_OP_vgpuModuleGetKernels         0x0406u
 #define VGPU_OP_cuFuncGetAttribute           0x0501u
 #define VGPU_OP_cuFuncSetAttribute           0x0502u
 #define VGPU_OP_cuLaunchKernel               0x0510u
@@ -96,6 +98,8 @@
 #define VGPU_MAX_cuModuleLoadData_image 67108856u
 #define VGPU_MAX_cuModuleGetFunction_name 4096u
 #define VGPU_MAX_cuModuleGetGlobal_v2_name 4096u
+#define VGPU_SIZE_vgpuModuleLoadCached_digest 32u
+#define VGPU_MAX_vgpuModuleGetKernels_table 262144u
 #define VGPU_MAX_cuLaunchKernel_params 32764u
 #define VGPU_SIZE_cuIpcGetMemHandle_pHandle 64u
 #define VGPU_SIZE_cuIpcOpenMemHandle_v2_handle 64u
@@ -342,6 +346,23 @@ int vgpu_marshal_cuModuleGetGlobal_v2(uint8_t *vgpu_buf, size_t vgpu_cap, uint64
                                       const char *name);
 int vgpu_unmarshal_cuModuleGetGlobal_v2_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
                                               unsigned long long *dptr, size_t *size);
+
+/*
+ * vgpuModuleLoadCached (0x0405, sync): cuModuleLoadData by the image's SHA-256: gpu-proxy loads an
+ * image this zone sent before (CUDA_ERROR_NOT_FOUND otherwise: libvgpu then sends it)
+ */
+int vgpu_marshal_vgpuModuleLoadCached(uint8_t *vgpu_buf, size_t vgpu_cap, const void *digest);
+int vgpu_unmarshal_vgpuModuleLoadCached_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                              uint64_t *module);
+
+/*
+ * vgpuModuleGetKernels (0x0406, sync): one page of a loaded module's kernel table (names,
+ * parameter layouts, attributes; format in gpu_proxy/kernel_table.py), from kernel `first` on
+ */
+int vgpu_marshal_vgpuModuleGetKernels(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hmod,
+                                      unsigned int first, unsigned int tableSize);
+int vgpu_unmarshal_vgpuModuleGetKernels_reply(const uint8_t *vgpu_buf, size_t vgpu_len, void *table,
+                                              size_t table_cap, size_t *table_len);
 
 /* cuFuncGetAttribute (0x0501, sync) */
 int vgpu_marshal_cuFuncGetAttribute(uint8_t *vgpu_buf, size_t vgpu_cap, int attrib, uint64_t hfunc);

@@ -117,6 +117,8 @@ const struct vgpu_call_info vgpu_calls[] = {
     {"cuModuleUnload", 0x0402u, 8u, 0u, 0},
     {"cuModuleGetFunction", 0x0403u, 8u, 8u, 0},
     {"cuModuleGetGlobal_v2", 0x0404u, 8u, 16u, 0},
+    {"vgpuModuleLoadCached", 0x0405u, 32u, 8u, 0},
+    {"vgpuModuleGetKernels", 0x0406u, 16u, 0u, 0},
     {"cuFuncGetAttribute", 0x0501u, 12u, 4u, 0},
     {"cuFuncSetAttribute", 0x0502u, 16u, 0u, 0},
     {"cuLaunchKernel", 0x0510u, 48u, 0u, 1},
@@ -1045,6 +1047,75 @@ int vgpu_unmarshal_cuModuleGetGlobal_v2_reply(const uint8_t *vgpu_buf, size_t vg
         *dptr = (unsigned long long)vgpu_get_u64(vgpu_buf + 0);
     if (size != NULL)
         *size = (size_t)vgpu_get_u64(vgpu_buf + 8);
+    return 0;
+}
+
+/* ---- vgpuModuleLoadCached (0x0405, sync) ---- */
+
+int vgpu_marshal_vgpuModuleLoadCached(uint8_t *vgpu_buf, size_t vgpu_cap, const void *digest)
+{
+    size_t vgpu_len = 32;
+    if (digest == NULL)
+        return -1;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    memcpy(vgpu_buf + 0, digest, 32);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuModuleLoadCached_reply(const uint8_t *vgpu_buf, size_t vgpu_len,
+                                              uint64_t *module)
+{
+    if (vgpu_len != 8 || vgpu_buf == NULL)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    if (module != NULL)
+        *module = (uint64_t)vgpu_get_u64(vgpu_buf + 0);
+    return 0;
+}
+
+/* ---- vgpuModuleGetKernels (0x0406, sync) ---- */
+
+int vgpu_marshal_vgpuModuleGetKernels(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t hmod,
+                                      unsigned int first, unsigned int tableSize)
+{
+    size_t vgpu_len = 16;
+    if (vgpu_bad_len_u((uint64_t)tableSize, 262144u))
+        return -1;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)hmod);
+    vgpu_put_u32(vgpu_buf + 8, (uint32_t)first);
+    vgpu_put_u32(vgpu_buf + 12, (uint32_t)tableSize);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuModuleGetKernels_reply(const uint8_t *vgpu_buf, size_t vgpu_len, void *table,
+                                              size_t table_cap, size_t *table_len)
+{
+    uint32_t vgpu_n_table;
+    size_t vgpu_off = 0;
+    if (vgpu_buf == NULL)
+        return -1;
+    if (vgpu_len - vgpu_off < 4)
+        return -1;
+    vgpu_n_table = vgpu_get_u32(vgpu_buf + vgpu_off);
+    vgpu_off += 4;
+    if (vgpu_n_table > 262144u || vgpu_n_table > table_cap)
+        return -1;
+    if (vgpu_len - vgpu_off < vgpu_n_table)
+        return -1;
+    if (table == NULL && vgpu_n_table != 0)
+        return -1;
+    vgpu_off += vgpu_n_table;
+    if (vgpu_off != vgpu_len)
+        return -1;
+    /* The payload is valid: write the outputs. */
+    vgpu_off = 0;
+    if (vgpu_n_table != 0)
+        memcpy(table, vgpu_buf + vgpu_off + 4, vgpu_n_table);
+    if (table_len != NULL)
+        *table_len = vgpu_n_table;
     return 0;
 }
 

@@ -59,12 +59,8 @@ static CUresult parameters(const struct vgpu_kernel *kernel, void **kernelParams
                            const void *extra_buf, uint8_t **params, size_t *nbytes)
 {
     if (has_extra) {
-        if (kernel && *nbytes != kernel->param_bytes)
+        if (*nbytes != kernel->param_bytes)
             return CUDA_ERROR_INVALID_VALUE;
-    } else if (!kernel) {
-        /* Without a layout only a kernel without parameters can be launched. */
-        *nbytes = 0;
-        return kernelParams ? CUDA_ERROR_NOT_SUPPORTED : CUDA_SUCCESS;
     } else if (kernel->nparams && !kernelParams) {
         return CUDA_ERROR_INVALID_VALUE;
     } else {

@@ -4,7 +4,8 @@
  * module (module.c) in the current context when a module or function is first asked for, and
  * again when another context is current or that one went away. A CUkernel names a kernel of the
  * library; its CUfunction is the module's, and cuLaunchKernel accepts the CUkernel itself (cudart
- * launches that way). Kernel names are checked against the image when its layouts could be read.
+ * launches that way). A kernel's name is checked against the module's kernel table when a context
+ * is current (cudart's case), else when its function is first asked for.
  */
 #include "vgpu.h"
 
@@ -16,7 +17,6 @@ struct CUlib_st {
     struct vgpu_object obj;
     void *image;
     size_t size;
-    struct vgpu_kernels kernels;
     pthread_mutex_t load_lock; /* one load at a time; taken before the channel's lock */
     CUmodule module;           /* the image loaded as a module, or NULL; vgpu_lock */
     struct CUkern_st **handles;
@@ -32,7 +32,6 @@ struct CUkern_st {
 static void free_library(struct vgpu_object *obj)
 {
     struct CUlib_st *l = (struct CUlib_st *)obj;
-    vgpu_kernels_free(&l->kernels);
     pthread_mutex_destroy(&l->load_lock);
     free(l->handles);
     free(l->image);
@@ -81,7 +80,6 @@ VGPU_API CUresult CUDAAPI cuLibraryLoadData(CUlibrary *library, const void *code
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     memcpy(l->image, code, l->size);
-    vgpu_image_kernels(l->image, l->size, vgpu_device_arch(0), &l->kernels);
     vgpu_lock();
     if (vgpu_objects_add(&l->obj))
         r = CUDA_ERROR_OUT_OF_MEMORY;
@@ -190,18 +188,27 @@ VGPU_API CUresult CUDAAPI cuLibraryGetKernel(CUkernel *pKernel, CUlibrary librar
 {
     struct CUlib_st *l;
     struct CUkern_st *k = NULL;
+    CUcontext ctx;
+    CUmodule module;
+    CUfunction function;
     CUresult r = vgpu_require_init();
 
     if (r)
         return r;
     if (!pKernel || !name)
         return CUDA_ERROR_INVALID_VALUE;
+    if (!vgpu_current_context(&ctx, NULL)) {
+        /* The library's module in this context has the kernel table that says. */
+        r = library_module(library, &module);
+        if (!r)
+            r = cuModuleGetFunction(&function, module, name);
+        if (r)
+            return r;
+    }
     vgpu_lock();
     l = (struct CUlib_st *)vgpu_objects_find(library, VGPU_KIND_LIBRARY);
     if (!l)
         r = CUDA_ERROR_INVALID_HANDLE;
-    else if (l->kernels.known && !vgpu_kernels_find(&l->kernels, name))
-        r = CUDA_ERROR_NOT_FOUND;
     else if (!(k = kernel_handle(l, name)))
         r = CUDA_ERROR_OUT_OF_MEMORY;
     vgpu_unlock();

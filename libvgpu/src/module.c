@@ -1,6 +1,7 @@
 /*
- * Modules and their functions. The image goes to gpu-proxy, which loads it in the zone's
- * context; libvgpu keeps the parameter layouts of the code the device will run (module_image.c),
+ * Modules and their functions. gpu-proxy loads the image in the zone's context: first asked by
+ * the image's SHA-256 (vgpuModuleLoadCached: the zone sent it before, as every process of a
+ * program does), else sent whole. libvgpu then keeps the module's kernel table (kernel_table.c),
  * because cuLaunchKernel's kernelParams carry no sizes. A function handle is looked up once per
  * name and module, as the real driver returns the same CUfunction for the same kernel.
  */
@@ -17,13 +18,12 @@ struct CUmod_st {
     struct vgpu_kernels kernels;
     struct CUfunc_st **functions; /* looked up so far; owned by the object table */
     size_t nfunctions, cap;
-    int reported; /* unknown layouts were reported on stderr */
 };
 
 struct CUfunc_st {
     struct vgpu_object obj;
     struct CUmod_st *module;
-    const struct vgpu_kernel *kernel; /* NULL: layout unknown */
+    const struct vgpu_kernel *kernel; /* in the module's table */
     char *name;
     int max_dynamic_shared; /* cuFuncSetAttribute's, or -1: the default */
     int carveout;           /* CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, -1: none */
@@ -57,12 +57,6 @@ CUresult vgpu_function_find(CUfunction f, uint64_t *id, const struct vgpu_kernel
         return CUDA_ERROR_INVALID_HANDLE;
     *id = fn->obj.id;
     *kernel = fn->kernel;
-    if (!fn->kernel && !fn->module->reported) {
-        fn->module->reported = 1;
-        vgpu_log("parameter layout of kernel %s unknown (%s): launches with kernelParams are "
-                 "refused",
-                 fn->name, fn->module->kernels.known ? "not in the image" : fn->module->kernels.why);
-    }
     return CUDA_SUCCESS;
 }
 
@@ -74,17 +68,40 @@ static void unload_remote(uint64_t id)
     (void)vgpu_call(VGPU_OP_cuModuleUnload, &iov, 1, rep, sizeof(rep), &len);
 }
 
+/* The module id gpu-proxy gives the image: loaded by digest if this zone sent it before, else
+ * sent. */
+static CUresult load_remote(const void *image, size_t size, uint64_t *id)
+{
+    uint8_t head[VGPU_HEAD_MAX], rep[8], digest[VGPU_SHA256_BYTES], req[4 + VGPU_SHA256_BYTES];
+    size_t len;
+    struct iovec iov[2];
+    CUresult r;
+
+    vgpu_sha256(image, size, digest);
+    iov[0] = (struct iovec){req, (size_t)vgpu_marshal_vgpuModuleLoadCached(req, sizeof(req),
+                                                                           digest)};
+    r = vgpu_call(VGPU_OP_vgpuModuleLoadCached, iov, 1, rep, sizeof(rep), &len);
+    if (!r)
+        return vgpu_unmarshal_vgpuModuleLoadCached_reply(rep, len, id) < 0 ? CUDA_ERROR_UNKNOWN
+                                                                           : CUDA_SUCCESS;
+    if (r != CUDA_ERROR_NOT_FOUND)
+        return r;
+    iov[0] = (struct iovec){head, vgpu_head_cuModuleLoadData(head, size)};
+    iov[1] = (struct iovec){(void *)image, size};
+    r = vgpu_call(VGPU_OP_cuModuleLoadData, iov, 2, rep, sizeof(rep), &len);
+    if (!r && vgpu_unmarshal_cuModuleLoadData_reply(rep, len, id) < 0)
+        r = CUDA_ERROR_UNKNOWN;
+    return r;
+}
+
 VGPU_API CUresult CUDAAPI cuModuleLoadData(CUmodule *module, const void *image)
 {
-    uint8_t head[VGPU_HEAD_MAX], rep[8];
     char why[160];
-    size_t size, len;
+    size_t size;
     uint64_t id;
     CUcontext ctx;
-    CUdevice dev;
     struct CUmod_st *m;
-    struct iovec iov[2];
-    CUresult r = vgpu_current_context(&ctx, &dev);
+    CUresult r = vgpu_current_context(&ctx, NULL);
 
     if (r)
         return r;
@@ -97,21 +114,19 @@ VGPU_API CUresult CUDAAPI cuModuleLoadData(CUmodule *module, const void *image)
     m = calloc(1, sizeof(*m));
     if (!m)
         return CUDA_ERROR_OUT_OF_MEMORY;
-    vgpu_image_kernels(image, size, vgpu_device_arch(dev), &m->kernels);
-    iov[0] = (struct iovec){head, vgpu_head_cuModuleLoadData(head, size)};
-    iov[1] = (struct iovec){(void *)image, size};
-    r = vgpu_call(VGPU_OP_cuModuleLoadData, iov, 2, rep, sizeof(rep), &len);
-    if (!r && vgpu_unmarshal_cuModuleLoadData_reply(rep, len, &id) < 0)
-        r = CUDA_ERROR_UNKNOWN;
+    r = load_remote(image, size, &id);
     if (r) {
-        free_module(&m->obj);
+        free(m);
         return r;
     }
     m->obj = (struct vgpu_object){VGPU_KIND_MODULE, id, ctx, free_module};
-    vgpu_lock();
-    if (vgpu_objects_add(&m->obj))
-        r = CUDA_ERROR_OUT_OF_MEMORY;
-    vgpu_unlock();
+    r = vgpu_kernels_fetch(id, &m->kernels);
+    if (!r) {
+        vgpu_lock();
+        if (vgpu_objects_add(&m->obj))
+            r = CUDA_ERROR_OUT_OF_MEMORY;
+        vgpu_unlock();
+    }
     if (r) {
         unload_remote(id);
         free_module(&m->obj);
@@ -203,8 +218,10 @@ static struct CUfunc_st *known_function(const struct CUmod_st *m, const char *na
     return NULL;
 }
 
-/* Record a function gpu-proxy found in m; vgpu_lock held. NULL when out of memory. */
-static struct CUfunc_st *add_function(struct CUmod_st *m, uint64_t id, const char *name)
+/* Record a function gpu-proxy found in m (kernel: its table entry); vgpu_lock held. NULL when
+ * out of memory. */
+static struct CUfunc_st *add_function(struct CUmod_st *m, uint64_t id, const char *name,
+                                      const struct vgpu_kernel *kernel)
 {
     struct CUfunc_st *f = calloc(1, sizeof(*f));
 
@@ -214,7 +231,7 @@ static struct CUfunc_st *add_function(struct CUmod_st *m, uint64_t id, const cha
     f->module = m;
     f->max_dynamic_shared = -1;
     f->carveout = -1;
-    f->kernel = vgpu_kernels_find(&m->kernels, name);
+    f->kernel = kernel;
     if (m->nfunctions == m->cap) {
         size_t cap = m->cap ? m->cap * 2 : 8;
         struct CUfunc_st **grown = realloc(m->functions, cap * sizeof(*grown));
@@ -241,6 +258,7 @@ VGPU_API CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, 
     uint64_t module_id = 0, id;
     struct CUmod_st *m;
     struct CUfunc_st *f;
+    const struct vgpu_kernel *kernel = NULL;
     struct iovec iov = {req, 0};
     int n;
     CUresult r = vgpu_require_init();
@@ -252,8 +270,10 @@ VGPU_API CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, 
     vgpu_lock();
     m = live_module(hmod);
     f = m ? known_function(m, name) : NULL;
-    if (m)
+    if (m) {
         module_id = m->obj.id;
+        kernel = vgpu_kernels_find(&m->kernels, name);
+    }
     vgpu_unlock();
     if (!m)
         return CUDA_ERROR_INVALID_HANDLE;
@@ -261,6 +281,8 @@ VGPU_API CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, 
         *hfunc = f;
         return CUDA_SUCCESS;
     }
+    if (!kernel)
+        return CUDA_ERROR_NOT_FOUND; /* not in the module's kernel table */
     n = vgpu_marshal_cuModuleGetFunction(req, sizeof(req), module_id, name);
     if (n < 0)
         return CUDA_ERROR_NOT_FOUND; /* longer than any kernel name gpu-proxy accepts */
@@ -274,7 +296,7 @@ VGPU_API CUresult CUDAAPI cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, 
     m = live_module(hmod);
     if (!m)
         r = CUDA_ERROR_INVALID_HANDLE; /* unloaded meanwhile, and its functions with it */
-    else if (!(f = known_function(m, name)) && !(f = add_function(m, id, name)))
+    else if (!(f = known_function(m, name)) && !(f = add_function(m, id, name, kernel)))
         r = CUDA_ERROR_OUT_OF_MEMORY;
     vgpu_unlock();
     if (!r)
@@ -366,10 +388,7 @@ CUresult vgpu_function_attributes(CUfunction f, struct vgpu_function_info *out)
     vgpu_lock();
     fn = (struct CUfunc_st *)vgpu_objects_find(f, VGPU_KIND_FUNCTION);
     if (fn) {
-        if (fn->kernel)
-            out->attrs = fn->kernel->attrs;
-        else
-            out->attrs = (struct vgpu_func_attrs){0};
+        out->attrs = fn->kernel->attrs;
         out->max_dynamic_shared = fn->max_dynamic_shared;
         out->carveout = fn->carveout;
     }
@@ -397,8 +416,8 @@ CUresult vgpu_function_attributes(CUfunction f, struct vgpu_function_info *out)
     return CUDA_SUCCESS;
 }
 
-/* Answered from what libvgpu read from the image (a cubin's registers, shared, constant and
- * local memory, launch bounds) and the device snapshot: no call to gpu-proxy. */
+/* Answered from the module's kernel table (a cubin's registers, shared, constant and local
+ * memory, launch bounds) and the device snapshot: no call to gpu-proxy. */
 VGPU_API CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute attrib,
                                              CUfunction hfunc)
 {
@@ -516,7 +535,7 @@ VGPU_API CUresult CUDAAPI cuFuncSetAttribute(CUfunction hfunc, CUfunction_attrib
     return fn ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
-/* Answered from the layout libvgpu read from the image (CUDA 12.4+). */
+/* Answered from the module's kernel table (CUDA 12.4+). */
 VGPU_API CUresult CUDAAPI cuFuncGetParamInfo(CUfunction func, size_t paramIndex,
                                              size_t *paramOffset, size_t *paramSize)
 {
@@ -528,9 +547,7 @@ VGPU_API CUresult CUDAAPI cuFuncGetParamInfo(CUfunction func, size_t paramIndex,
         return r;
     vgpu_lock();
     r = vgpu_function_find(func, &id, &kernel);
-    if (!r && !kernel)
-        r = CUDA_ERROR_NOT_SUPPORTED;
-    else if (!r && paramIndex >= kernel->nparams)
+    if (!r && paramIndex >= kernel->nparams)
         r = CUDA_ERROR_INVALID_VALUE;
     else if (!r) {
         if (paramOffset)

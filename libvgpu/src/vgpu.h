@@ -242,23 +242,22 @@ void vgpu_host_funcs_wait(uint64_t stream);
 int vgpu_host_funcs_pending(uint64_t stream);
 void vgpu_host_funcs_atfork(enum vgpu_fork_phase phase);
 
-/* ---- module_image.c, cubin.c, ptx.c, lz4.c: what cuModuleLoadData is given ----------------- */
+/* ---- module_image.c, kernel_table.c, sha256.c: module images and their kernels ---------- */
 
 struct vgpu_param {
     uint32_t offset;
     uint32_t size;
 };
 
-/* What cuFuncGetAttribute reports, read from a cubin (known); a PTX kernel's are only known
- * after the driver compiles it, so they are zero (max_threads: the device's limit). */
+/* What cuFuncGetAttribute reports, read by gpu-proxy from a cubin; a PTX kernel's are only
+ * known after the driver compiles it, so they are zero (max_threads: the device's limit). */
 struct vgpu_func_attrs {
-    int known;
-    uint32_t num_regs;      /* per thread (the module's .nv.info EIATTR_REGCOUNT) */
-    uint32_t shared_static; /* bytes (.nv.shared.<kernel>) */
-    uint32_t const_bytes;   /* user constants (.nv.constant3) */
-    uint32_t local_bytes;   /* per thread (EIATTR_FRAME_SIZE) */
-    uint32_t max_threads;   /* launch bounds (EIATTR_MAX_THREADS), 0: none */
-    uint32_t arch;          /* SM of the code, e.g. 90 */
+    uint32_t num_regs;      /* per thread */
+    uint32_t shared_static; /* bytes */
+    uint32_t const_bytes;   /* user constants */
+    uint32_t local_bytes;   /* per thread */
+    uint32_t max_threads;   /* launch bounds, 0: none */
+    uint32_t arch;          /* SM of the code, e.g. 90; 0: unknown (PTX) */
 };
 
 struct vgpu_kernel {
@@ -272,8 +271,6 @@ struct vgpu_kernel {
 struct vgpu_kernels {
     struct vgpu_kernel *kernels;
     size_t count;
-    int known;     /* 0: the code the device would run could not be read (why says why) */
-    char why[256];
 };
 
 /* The fatbin a fatbin wrapper (nvcc's embedded __fatBinC_Wrapper_t) points to; any other image
@@ -282,24 +279,19 @@ const void *vgpu_image_unwrap(const void *image);
 /* Bytes the image occupies (ELF cubin, fatbin container, or NUL-terminated PTX); -1 if the
  * image cannot be sized, with why filled. */
 int vgpu_image_size(const void *image, size_t *size, char *why, size_t why_len);
-/* Kernels and parameter layouts of the code a device of SM `arch` would run, picked from the
- * image as the driver (and gpu-proxy) pick it. Never fails: out->known says whether it worked. */
-void vgpu_image_kernels(const uint8_t *image, size_t size, int arch, struct vgpu_kernels *out);
+
+#define VGPU_SHA256_BYTES 32
+void vgpu_sha256(const void *data, size_t len, uint8_t out[VGPU_SHA256_BYTES]);
+
+/* The kernel table of module `module_id` (gpu-proxy's id), fetched page by page. */
+CUresult vgpu_kernels_fetch(uint64_t module_id, struct vgpu_kernels *out);
 void vgpu_kernels_free(struct vgpu_kernels *k);
 const struct vgpu_kernel *vgpu_kernels_find(const struct vgpu_kernels *k, const char *name);
 
-/* Layouts of one cubin / one PTX text (0, or -1 with why filled). */
-int vgpu_cubin_kernels(const uint8_t *elf, size_t size, struct vgpu_kernels *out, char *why,
-                       size_t why_len);
-int vgpu_ptx_kernels(const char *text, size_t len, struct vgpu_kernels *out, char *why,
-                     size_t why_len);
-/* Decode one raw LZ4 block into exactly `size` bytes; 0 or -1. */
-int vgpu_lz4_decode(const uint8_t *src, size_t src_len, uint8_t *dst, size_t size);
-
 /* ---- module.c ------------------------------------------------------------------------------ */
 
-/* The function behind a handle (vgpu_lock held): gpu-proxy's id and the kernel's parameter
- * layout, NULL when it is unknown (said once per module on stderr). */
+/* The function behind a handle (vgpu_lock held): gpu-proxy's id and the kernel's entry in its
+ * module's kernel table (parameter layout, attributes). */
 CUresult vgpu_function_find(CUfunction f, uint64_t *id, const struct vgpu_kernel **kernel);
 
 /* A function's attributes as cuFuncGetAttribute reports them (module.c); f may be a CUkernel. */

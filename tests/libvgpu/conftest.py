@@ -17,6 +17,7 @@ from devkit.daemons import GpuProxyDaemon
 from gpu_proxy.backends.sim import LaunchRecord, SimBackend, SimContext
 from gpu_proxy.registry import ZoneRegistry
 from gpu_proxy.telemetry.zone_stats import ZoneIdentity
+from gpu_proxy.zone import Zone
 from libvgpu.build import GEN, SRC, build, cuda_include
 from tests.nvcc import NVCC, build_modules
 
@@ -205,6 +206,16 @@ def sim_zone(registry: ZoneRegistry, name: str, quota: int) -> Path:
     return registry.register(
         ZoneIdentity(zone=name, domid=0, pod="pod", namespace="ml", gpu_index=0), quota
     )
+
+
+def zone_named(registry: ZoneRegistry, name: str) -> Zone:
+    [zone] = [z for z in registry.zones() if z.id == name]
+    return zone
+
+
+def call_counts(registry: ZoneRegistry, zone_id: str) -> dict[tuple[str, str], int]:
+    """How often gpu-proxy answered each (call, result) for the zone."""
+    return dict(zone_named(registry, zone_id).stats.snapshot().calls)
 
 
 def sim_launches(registry: ZoneRegistry, zone_id: str) -> list[LaunchRecord]:

@@ -7,7 +7,15 @@ import struct
 from pathlib import Path
 
 from gpu_proxy.registry import ZoneRegistry
-from tests.libvgpu.conftest import MODULE_BUILDS, Programs, passed, run, sim_launches, sim_zone
+from tests.libvgpu.conftest import (
+    MODULE_BUILDS,
+    Programs,
+    call_counts,
+    passed,
+    run,
+    sim_launches,
+    sim_zone,
+)
 
 MiB = 1 << 20
 
@@ -49,6 +57,36 @@ def test_launch_marshalling_validated_by_sim_without_execution(
         ("scale", (2, 1, 1), (32, 1, 1), 0, scale),  # from PTX
         ("scale", (2, 1, 1), (32, 1, 1), 0, scale),  # from the LZ4-compressed PTX
         ("big", (1, 1, 1), (1, 1, 1), 0, big),
-        ("scale", (1, 1, 1), (1, 1, 1), 0, scale),  # zstd fatbin: `extra` only
+        ("scale", (2, 1, 1), (32, 1, 1), 0, scale),  # from the zstd-compressed cubin
     ]
     assert [r.stream is None for r in records] == [True, False, True, True, True, True, True, True]
+
+
+def module_loads(registry: ZoneRegistry, zone_id: str) -> dict[tuple[str, str], int]:
+    counts = call_counts(registry, zone_id)
+    return {k: n for k, n in counts.items() if k[0] in ("vgpuModuleLoadCached", "cuModuleLoadData")}
+
+
+def test_a_zone_sends_a_module_image_once(
+    registry: ZoneRegistry, programs: Programs, modules: dict[str, Path]
+) -> None:
+    """Two loads in one process and two more in the next process of the zone: the image
+    travels once, every load is asked by digest first (the digest libvgpu computes matches
+    gpu-proxy's), and each module gets the kernel table of the zstd-compressed cubin gpu-proxy
+    decoded. Another zone sends its own copy."""
+    image = str(modules["kernels_zstd.fatbin"])
+    for zone in ("cache", "other"):
+        socket = sim_zone(registry, zone, 64 * MiB)
+        passed(run(programs["module_cache"], image, socket=socket))
+    passed(run(programs["module_cache"], image, socket=registry.socket_path("cache")))
+    assert module_loads(registry, "cache") == {
+        ("vgpuModuleLoadCached", "CUDA_ERROR_NOT_FOUND"): 1,
+        ("vgpuModuleLoadCached", "CUDA_SUCCESS"): 3,
+        ("cuModuleLoadData", "CUDA_SUCCESS"): 1,
+    }
+    assert module_loads(registry, "other") == {
+        ("vgpuModuleLoadCached", "CUDA_ERROR_NOT_FOUND"): 1,
+        ("vgpuModuleLoadCached", "CUDA_SUCCESS"): 1,
+        ("cuModuleLoadData", "CUDA_SUCCESS"): 1,
+    }
+    assert [r.function for r in sim_launches(registry, "cache")] == ["scale"] * 4

@@ -12,20 +12,14 @@ from typing import Any
 
 from gpu_proxy.registry import ZoneRegistry
 from gpu_proxy.shared_host import SHARE_MAGIC, SHARE_MESSAGE
-from gpu_proxy.zone import Zone
 from idm.channel import Channel
 from idm.gen.codec import CALLS_BY_NAME
 from idm.links.local import LocalLink
 from idm.wire import MAX_PAYLOAD, Flags
-from tests.libvgpu.conftest import MiB, Programs, passed, run, sim_zone
+from tests.libvgpu.conftest import MiB, Programs, passed, run, sim_zone, zone_named
 
 OK, INVALID_VALUE = 0, 1
 PAGE = 4096
-
-
-def zone_named(registry: ZoneRegistry, name: str) -> Zone:
-    [zone] = [z for z in registry.zones() if z.id == name]
-    return zone
 
 
 def pinned_mappings() -> list[str]:

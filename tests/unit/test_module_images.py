@@ -13,6 +13,7 @@ from gpu_proxy.modules import (
     EntryKind,
     ImageKind,
     KernelInfo,
+    ModuleImage,
     ModuleImageError,
     NoCompatibleImageError,
     ParamInfo,
@@ -67,6 +68,11 @@ EXPECTED = {
 }
 
 
+def layouts(image: ModuleImage) -> dict[str, KernelInfo]:
+    """The kernels' parameter layouts, without the attributes only cubin code has."""
+    return {name: replace(k, attributes=None) for name, k in image.kernels.items()}
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Every build of SOURCE, compiled in parallel (about 2 s)."""
@@ -81,13 +87,13 @@ def test_cubin_kernels_and_param_layouts(images: dict[str, bytes]) -> None:
         (),
         None,
     )
-    assert image.kernels == EXPECTED
+    assert layouts(image) == EXPECTED
 
 
 def test_ptx_entries_lay_out_params_like_the_cubin(images: dict[str, bytes]) -> None:
     image = parse_module_image(images["ptx"] + b"\0")
     assert (image.kind, image.arch) == (ImageKind.PTX, 90)
-    assert image.kernels == EXPECTED
+    assert layouts(image) == EXPECTED
 
 
 def test_default_fatbin_layout_and_compression(images: dict[str, bytes]) -> None:
@@ -111,7 +117,7 @@ def test_every_compression_mode_decodes_to_the_same_code(
     assert [e.data().rstrip(b"\0") for e in entries] == [e.data().rstrip(b"\0") for e in plain]
     image = parse_module_image(images[build])
     assert (image.kind, image.arch, image.selected) == (ImageKind.FATBIN, 90, 1)
-    assert image.kernels == EXPECTED
+    assert layouts(image) == EXPECTED
 
 
 def test_compression_flags_per_mode(images: dict[str, bytes]) -> None:
@@ -132,7 +138,7 @@ def test_fatbin_selects_like_the_driver(
 ) -> None:
     image = parse_module_image(images["fatbin"], arch=device)
     assert (image.selected, image.arch, len(image.entries)) == (selected, arch, 3)
-    assert image.kernels == EXPECTED
+    assert layouts(image) == EXPECTED
 
 
 def test_no_code_for_older_device(images: dict[str, bytes]) -> None:
@@ -271,3 +277,48 @@ def test_hostile_ptx_is_rejected_in_linear_time() -> None:
         with pytest.raises(ModuleImageError, match=message):
             parse_module_image(data + b"\0")
     assert time.monotonic() - started < 5
+
+
+ATTRIBUTE_SOURCE = r"""
+__constant__ float table[40];
+extern "C" __global__ void __launch_bounds__(256) staged(float* out, int n) {
+    __shared__ float tile[300];
+    volatile float spill[64];
+    int t = threadIdx.x;
+    for (int i = 0; i < 64; i++) spill[i] = out[(t + i) % n];
+    tile[t % 300] = spill[t % 64] + table[t % 40];
+    __syncthreads();
+    out[t] = tile[(t + 1) % 300];
+}
+extern "C" __global__ void plain(int* p) { p[threadIdx.x] = 1; }
+"""
+
+
+def test_cubin_kernel_attributes_as_the_driver_reports_them(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Registers and local memory come from the module's .nv.info, shared memory from the
+    kernel's .nv.shared section (less the reserved window), constants from .nv.constant3, launch
+    bounds from the kernel's .nv.info; PTX code has none (known only once the driver compiles
+    it)."""
+    built = build_modules(
+        ATTRIBUTE_SOURCE,
+        {"cubin": ["-cubin", "-arch=sm_90"], "fatbin": ["-fatbin", "-arch=sm_90",
+         "-compress-mode=size"], "ptx": ["-ptx", "-arch=sm_90"]},
+        tmp_path_factory.mktemp("attributes"),
+    )  # fmt: skip
+    for build in ("cubin", "fatbin"):
+        kernels = parse_module_image(built[build]).kernels
+        staged, plain = kernels["staged"].attributes, kernels["plain"].attributes
+        assert staged is not None and plain is not None
+        assert (staged.shared_static, staged.const_bytes, staged.max_threads, staged.arch) == (
+            1200,
+            160,
+            256,
+            90,
+        )
+        assert staged.local_bytes >= 256  # the volatile array lives in local memory
+        assert 0 < plain.num_regs <= staged.num_regs
+        assert (plain.shared_static, plain.local_bytes, plain.max_threads) == (0, 0, 0)
+    ptx = parse_module_image(built["ptx"] + b"\0").kernels
+    assert ptx["staged"].attributes is None

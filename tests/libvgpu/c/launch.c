@@ -1,14 +1,14 @@
 /*
  * Modules and launches: a real cubin, fatbins (plain, LZ4- and zstd-compressed) and PTX built
  * by nvcc load through libvgpu; kernels launch with kernelParams of mixed sizes (packed by the
- * layouts libvgpu reads from each image) and with a packed `extra` buffer. The test reads what
+ * layouts gpu-proxy returns for each image) and with a packed `extra` buffer. The test reads what
  * gpu-proxy recorded, so each launch's order and bytes are fixed here:
  *   1 mixed  grid 2x3x4 block 32x2x1, kernelParams, default stream
  *   2 mixed  grid 1x1x1 block 1x1x1,  extra (same bytes as 1), stream s
  *   3 noargs grid 1x1x1 block 1x1x1
  *   4 scale  from the fatbin, kernelParams        5 scale from the PTX, kernelParams
  *   6 scale  from the LZ4 PTX fatbin              7 big (4800-byte struct + pointer)
- *   8 scale  from the zstd fatbin, extra (kernelParams are refused: no layout)
+ *   8 scale  from the zstd fatbin (gpu-proxy decodes it), kernelParams
  * Usage: launch CUBIN FATBIN PTX CUBIN_SM80 FATBIN_LZ4_PTX FATBIN_ZSTD
  */
 #include "check.h"
@@ -125,23 +125,11 @@ int main(int argc, char **argv)
         void *big_params[] = {&b, &p};
         CHECK(cuLaunchKernel(big_fn, 1, 1, 1, 1, 1, 1, 0, NULL, big_params, NULL)); /* 7 */
     }
+    /* gpu-proxy decoded the zstd-compressed cubin: its layout is known as any other. */
     scale = function(zstd, "scale");
-    {
-        float k = 2.0f;
-        int n = 64;
-        void *params[] = {&p, &k, &n};
-        uint8_t scale_packed[16] = {0};
-        size_t scale_size = sizeof(scale_packed);
-        void *scale_extra[] = {CU_LAUNCH_PARAM_BUFFER_POINTER, scale_packed,
-                               CU_LAUNCH_PARAM_BUFFER_SIZE, &scale_size, CU_LAUNCH_PARAM_END};
-        memcpy(scale_packed, &p, 8);
-        memcpy(scale_packed + 8, &k, 4);
-        memcpy(scale_packed + 12, &n, 4);
-        EXPECT(cuLaunchKernel(scale, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL),
-               CUDA_ERROR_NOT_SUPPORTED);
-        EXPECT(cuFuncGetParamInfo(scale, 0, &offset, &size), CUDA_ERROR_NOT_SUPPORTED);
-        CHECK(cuLaunchKernel(scale, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, scale_extra)); /* 8 */
-    }
+    CHECK(cuFuncGetParamInfo(scale, 2, &offset, &size));
+    REQUIRE(offset == 12 && size == 4);
+    launch_scale(scale, p); /* 8 */
 
     /* Refused before anything is sent, as the driver refuses them. */
     EXPECT(cuLaunchKernel(mixed, 1, 1, 1, 1, 1, 1, 0, NULL, mixed_params, extra),
