@@ -68,7 +68,7 @@ def kernel_table(caller: Caller, module: int, page_size: int) -> list[tuple[str,
     rows: list[tuple[str, KernelInfo]] = []
     while True:
         req = c.vgpuModuleGetKernels_Request(module, len(rows), page_size)
-        total, page = decode_table(HANDLERS.vgpuModuleGetKernels(caller, req).table)
+        total, page = decode_table(bytes(HANDLERS.vgpuModuleGetKernels(caller, req).table))
         assert page or len(rows) == total
         rows += [(name, info) for name, info, _ in page]
         if len(rows) == total:
@@ -131,7 +131,7 @@ def test_kernel_table_pages_carry_layouts_and_attributes(
     with sim_caller(64 * MiB) as caller:
         module = load(caller, image)
         req = c.vgpuModuleGetKernels_Request(module, 0, 1 << 16)
-        total, page = decode_table(HANDLERS.vgpuModuleGetKernels(caller, req).table)
+        total, page = decode_table(bytes(HANDLERS.vgpuModuleGetKernels(caller, req).table))
         assert total == 3
         for name, info, attrs in page:
             expected = parsed.kernels[name]
