@@ -32,8 +32,9 @@ from gpu_proxy.telemetry.events import EventKind
 from gpu_proxy.telemetry.zone_stats import MemcpyDirection
 from gpu_proxy.zone import Caller
 from idm.callcodec import CUDA_ERROR_NOT_SUPPORTED, CUDA_SUCCESS, DecodeError
+from idm.channel import PayloadReader
 from idm.gen import codec as c
-from idm.server import Reply
+from idm.server import Reply, StreamedHandler
 from idm.wire import Header
 
 DEVICE = 0  # one GPU per proxy instance; a zone sees it as device 0
@@ -271,6 +272,13 @@ class ProxyCalls(CallHandlers[Caller]):
 
     def vgpuHostShare(self, ctx: Caller, req: c.vgpuHostShare_Request) -> int:
         ctx.shared.share(req.arena, req.size)
+        return CUDA_SUCCESS
+
+    def vgpuHostShareGrants(self, ctx: Caller, req: c.vgpuHostShareGrants_Request) -> int:
+        if len(req.refs) % 4:
+            raise InvalidValue(f"{len(req.refs)} bytes of grant refs is not a whole number")
+        refs = memoryview(req.refs).cast("B").cast("I")
+        ctx.shared.share_grants(req.arena, req.size, refs)
         return CUDA_SUCCESS
 
     def vgpuHostUnshare(self, ctx: Caller, req: c.vgpuHostUnshare_Request) -> int:
@@ -520,8 +528,6 @@ Handler = Callable[[Header, memoryview], Reply | None]
 def call_handlers(caller: Caller) -> dict[int, Handler]:
     """The channel server's table for one caller: every call opcode of the call table."""
 
-    stats = caller.zone.stats
-
     def handle(header: Header, payload: memoryview) -> Reply | None:
         entry = DISPATCH[header.opcode]
         if not entry.is_async and caller.deferred_error and entry.name not in KEEPS_DEFERRED_ERROR:
@@ -534,11 +540,72 @@ def call_handlers(caller: Caller) -> dict[int, Handler]:
             status, reply = CUDA_ERROR_INVALID_VALUE, b""
         except CudaError as exc:
             status, reply = exc.result, b""
-        stats.record_call(entry.name, result_name(status), time.perf_counter() - started)
-        if entry.is_async:
-            if status and not caller.deferred_error:
-                caller.deferred_error = status
-            return None
-        return Reply(status, reply)
+        return _finish(caller, entry.name, entry.is_async, status, reply, started)
 
     return dict.fromkeys(DISPATCH, handle)
+
+
+def _finish(
+    caller: Caller,
+    name: str,
+    is_async: bool,
+    status: int,
+    reply: bytes | tuple[Buffer, ...],
+    started: float,
+) -> Reply | None:
+    """Count the call; keep a fire-and-forget call's error for the next sync call."""
+    caller.zone.stats.record_call(name, result_name(status), time.perf_counter() - started)
+    if is_async:
+        if status and not caller.deferred_error:
+            caller.deferred_error = status
+        return None
+    return Reply(status, reply)
+
+
+def _streamed_htod(caller: Caller, head: dict[str, int], reader: PayloadReader) -> int:
+    zone = caller.zone
+    dst, count = head["dstDevice"], head["ByteCount"]
+    stream = _stream(caller, head["hStream"]) if "hStream" in head else None
+    zone.allocations.check_range(dst, count)
+    zone.backend.memcpy_htod_from(zone.context, dst, count, reader.read_into, stream)
+    zone.stats.record_memcpy(MemcpyDirection.HTOD, count)
+    return CUDA_SUCCESS
+
+
+# Calls whose large requests are received piece by piece: the head into private memory (decoded
+# and checked first), the data straight where the backend wants it (device memory on the sim),
+# instead of into a private copy of the whole message and from there to the device.
+_STREAMED: dict[str, Callable[[Caller, dict[str, int], PayloadReader], int]] = {
+    "cuMemcpyHtoD_v2": _streamed_htod,
+    "cuMemcpyHtoDAsync_v2": _streamed_htod,
+}
+
+
+def streamed_handlers(caller: Caller) -> dict[int, StreamedHandler]:
+    """The channel server's streamed handlers for one caller (large host-to-device copies),
+    with the same deferred-error and accounting rules as ``call_handlers``."""
+
+    def handle(header: Header, reader: PayloadReader) -> Reply | None:
+        entry = DISPATCH[header.opcode]
+        head_struct = entry.codec.request_head
+        assert head_struct is not None
+        if not entry.is_async and caller.deferred_error:
+            status, caller.deferred_error = caller.deferred_error, 0
+            return Reply(status)
+        started = time.perf_counter()
+        try:
+            if reader.remaining < head_struct.size:
+                raise DecodeError(f"{entry.name}: shorter than its {head_struct.size}-byte head")
+            raw = bytearray(head_struct.size)
+            reader.read_into(raw)
+            head = dict(zip(entry.codec.request_head_fields, head_struct.unpack(raw), strict=True))
+            if head["ByteCount"] != reader.remaining:
+                raise DecodeError(f"{entry.name}: ByteCount is not the data that follows")
+            status = _STREAMED[entry.name](caller, head, reader)
+        except DecodeError:
+            status = CUDA_ERROR_INVALID_VALUE
+        except CudaError as exc:
+            status = exc.result
+        return _finish(caller, entry.name, entry.is_async, status, b"", started)
+
+    return {op: handle for op, entry in DISPATCH.items() if entry.name in _STREAMED}

@@ -16,7 +16,7 @@ import structlog
 
 from gpu_proxy import errors
 from gpu_proxy.backends.base import GpuBackend
-from gpu_proxy.dispatch import call_handlers
+from gpu_proxy.dispatch import call_handlers, streamed_handlers
 from gpu_proxy.module_cache import DEFAULT_MODULE_CACHE_BYTES, ModuleImageCache
 from gpu_proxy.quota import MemoryLedger
 from gpu_proxy.shared_host import SharedHostMemory
@@ -85,10 +85,12 @@ class _ZoneEndpoint:
         peer_alive: Callable[[], bool] | None = None,
         on_close: Callable[[], None] | None = None,
         socket_fd: int | None = None,
+        grant_domid: int | None = None,
     ) -> None:
         """Serve ``channel`` in a thread of its own until it closes or the zone is removed;
-        ``socket_fd`` (a LocalLink's socket) is where the process passes pinned host memory."""
-        caller = Caller(self.zone, shared=SharedHostMemory(socket_fd))
+        ``socket_fd`` (a LocalLink's socket) is where the process passes pinned host memory,
+        ``grant_domid`` (a GrantLink's zone) the domain whose granted pages it names instead."""
+        caller = Caller(self.zone, shared=SharedHostMemory(socket_fd, grant_domid))
         server = ChannelServer(
             channel,
             call_handlers(caller),
@@ -96,6 +98,7 @@ class _ZoneEndpoint:
             name=self.zone.id,
             peer_alive=peer_alive,
             failures=CALL_FAILURES,
+            streamed=streamed_handlers(caller),
         )
         thread = threading.Thread(
             target=self._serve, args=(server, caller, on_close), name=f"zone-{self.zone.id}"
@@ -190,15 +193,18 @@ class ZoneRegistry:
         *,
         peer_alive: Callable[[], bool] | None = None,
         on_close: Callable[[], None] | None = None,
+        grant_domid: int | None = None,
     ) -> None:
         """Serve one guest process's channel for ``zone_id`` until it closes or the zone is
-        removed; ``on_close`` runs once the channel is closed (to release the link under it).
-        Raises UnknownZone, serving nothing, if the zone is not registered."""
+        removed; ``on_close`` runs once the channel is closed (to release the link under it);
+        ``grant_domid``: the channel is a GrantLink of that domain, which may share pinned
+        memory as granted pages. Raises UnknownZone, serving nothing, if the zone is not
+        registered."""
         with self._lock:
             endpoint = self._zones.get(zone_id)
         if endpoint is None:
             raise UnknownZone(zone_id)
-        endpoint.serve(channel, peer_alive, on_close)
+        endpoint.serve(channel, peer_alive, on_close, grant_domid=grant_domid)
 
     def remove(self, zone_id: str) -> dict[str, int]:
         """Stop the zone's channels and release everything it held; returns what was reclaimed.

@@ -214,7 +214,7 @@ class XenZoneWatcher:
         with self._lock:
             self._served[(domid, name)] = _Served(name, values, channel)
         try:
-            self.registry.serve_channel(zone, channel, on_close=closed)
+            self.registry.serve_channel(zone, channel, on_close=closed, grant_domid=domid)
         except UnknownZone:  # removed by the registry's owner meanwhile
             channel.close()
             closed()

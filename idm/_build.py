@@ -43,6 +43,7 @@ CDEF = """
 #define IDM_GRANT_FD_MAGIC ...
 #define IDM_GRANT_FD_NFDS ...
 #define IDM_GRANT_FD_WHY_LEN ...
+#define IDM_DOMID_FIRST_RESERVED ...
 #define IDM_EVTCHN_PORT_MAX ...
 
 struct iovec { void *iov_base; size_t iov_len; };
@@ -69,12 +70,12 @@ struct idm_local_offer { uint32_t magic; uint32_t layout_version; struct idm_lay
 struct idm_local_link { struct idm_endpoint ep; void *base; size_t len; int sock;
                         int fds[5]; };
 struct idm_grant_fd_offer {
-    uint32_t magic; uint32_t layout_version; int32_t status; uint32_t reserved;
+    uint32_t magic; uint32_t layout_version; int32_t status; uint32_t peer_domid;
     struct idm_layout layout; uint64_t mmap_offset; uint64_t mmap_length;
     uint32_t req_port; uint32_t rsp_port; char why[128];
 };
 struct idm_grant_fd_link { struct idm_endpoint ep; void *base; size_t len; int sock;
-                           int fds[3]; };
+                           int fds[3]; uint32_t peer_domid; };
 
 size_t idm_region_size(const struct idm_layout *lay);
 void idm_region_format(void *base, const struct idm_layout *lay);

@@ -68,6 +68,9 @@ class CallCodec:
     `encode_reply`/`decode_reply`/`reply_type` are None for fire-and-forget calls (no reply).
     `out_caps` pairs each variable-length out blob with the in field giving its capacity;
     `bounds` gives the largest length accepted for each blob/cstring field.
+    `request_head` (with its field names) is the request's fixed part when the request is that
+    part followed by one blob whose length it carries: the part a large request's receiver takes
+    first, to put the blob straight where it belongs (gpu-proxy's streamed copies).
     """
 
     name: str
@@ -83,6 +86,8 @@ class CallCodec:
     out_handles: tuple[HandleRef, ...]
     out_caps: tuple[tuple[str, str], ...]
     bounds: tuple[tuple[str, int], ...]
+    request_head: struct.Struct | None = None
+    request_head_fields: tuple[str, ...] = ()
 
     def reply_cap_violation(self, req: tuple[Any, ...], rep: tuple[Any, ...]) -> str | None:
         """Why `rep` does not fit the capacities `req` asked for, or None if it does."""

@@ -9,10 +9,10 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -135,6 +135,34 @@ def _check_hello(ep: Any, rc: int, peer: str) -> None:
         )
     if rc:
         _raise(ep, rc, "hello")
+
+
+class PayloadReader:
+    """The payload of a message whose header was received but not its bytes: taken in pieces,
+    straight into wherever they belong (a streamed handler's destination), instead of into a
+    private buffer first. All of it must be taken (``read_into``, then ``discard`` for what is
+    left) before the channel receives anything else."""
+
+    __slots__ = ("_channel", "remaining")
+
+    def __init__(self, channel: "Channel", length: int) -> None:
+        self._channel = channel
+        self.remaining = length
+
+    def read_into(self, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` with the next ``len(buf)`` payload bytes (a private copy: the ring is
+        not read again)."""
+        n = memoryview(buf).nbytes
+        if n > self.remaining:
+            raise ValueError(f"{n} bytes asked for, {self.remaining} left in the message")
+        self._channel._recv_payload(buf, n)
+        self.remaining -= n
+
+    def discard(self) -> None:
+        """Take what is left of the payload and drop it."""
+        chunk = memoryview(bytearray(min(self.remaining, 1 << 20)))
+        while self.remaining:
+            self.read_into(chunk[: min(self.remaining, len(chunk))])
 
 
 class Channel:
@@ -292,12 +320,23 @@ class Channel:
         self._recv_payload(payload, header.length)
         return Message(header, payload)
 
-    def recv_batch(self, timeout_ms: int = -1) -> Iterator[tuple[Header, memoryview]]:
+    @overload
+    def recv_batch(self, timeout_ms: int = -1) -> Iterator[tuple[Header, memoryview]]: ...
+
+    @overload
+    def recv_batch(
+        self, timeout_ms: int, streamed: Container[int]
+    ) -> Iterator[tuple[Header, memoryview | PayloadReader]]: ...
+
+    def recv_batch(
+        self, timeout_ms: int = -1, streamed: Container[int] = ()
+    ) -> Iterator[tuple[Header, memoryview | PayloadReader]]:
         """Every complete message waiting (after waiting for the first), decoded in one pass.
 
         The memoryviews point into private buffers reused by the next receive: copy what you
         keep. A message too large for the batch buffer streams into a scratch buffer that is
-        kept for the next one (bounded by the agreed payload limit).
+        kept for the next one (bounded by the agreed payload limit), unless its opcode is in
+        ``streamed``: then it comes with a PayloadReader, and the consumer takes the bytes.
         """
         if self._closed:
             self._check_open()
@@ -318,7 +357,9 @@ class Channel:
                 yield header, view[off + _HDR : off + _HDR + header[4]]
         elif n == _EMSGSIZE:
             large = self._recv_header(timeout_ms)
-            if large is not None:
+            if large is not None and large.opcode in streamed:
+                yield large, PayloadReader(self, large.length)
+            elif large is not None:
                 if len(self._scratch) < large.length:
                     self._scratch = bytearray(large.length)
                 scratch = memoryview(self._scratch)[: large.length]

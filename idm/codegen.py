@@ -919,6 +919,10 @@ class _PyGen:
             return _py_tuple(items) if items else "()"
 
         caps = [f'("{a.name}", "{a.len}")' for a in c.out_args if a.kind == "blob"]
+        req = c.layout("in")
+        fixed_names = {a.name for a in req.fixed}
+        head = len(req.tail) == 1 and req.tail[0].kind == "blob" and req.tail[0].len in fixed_names
+        head_fields = _py_tuple([f'"{a.name}"' for a in req.fixed])
         bounds = [f'("{a.name}", {a.bound})' for a in c.args if a.kind in ("blob", "cstring")]
         sync = not c.is_async
         return [
@@ -936,6 +940,14 @@ class _PyGen:
             f"        out_handles={handles('out')},",
             f"        out_caps={_py_tuple(caps) if caps else '()'},",
             f"        bounds={_py_tuple(bounds) if bounds else '()'},",
+            *(
+                [
+                    f"        request_head=_REQ_{c.name},",
+                    f"        request_head_fields={head_fields},",
+                ]
+                if head
+                else []
+            ),
             "    ),",
         ]
 

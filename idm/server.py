@@ -15,7 +15,7 @@ from typing import NamedTuple
 import structlog
 
 from idm.callcodec import Buffer
-from idm.channel import Channel, ChannelClosed, ChannelError, PeerViolation
+from idm.channel import Channel, ChannelClosed, ChannelError, PayloadReader, PeerViolation
 from idm.wire import Flags, Header, Op, Status
 
 log = structlog.get_logger(__name__)
@@ -31,6 +31,10 @@ class Reply:
 # A handler gets the validated header and a payload view valid only during the call. It returns
 # the reply for sync requests; for fire-and-forget requests its return value is ignored.
 Handler = Callable[[Header, memoryview], Reply | None]
+# A streamed handler gets a large message's payload as a reader, to receive the bytes straight
+# where they belong (a copy's destination) instead of into a private buffer first. Whatever it
+# leaves unread is discarded after it returns.
+StreamedHandler = Callable[[Header, PayloadReader], Reply | None]
 
 POLL_MS = 200
 
@@ -71,8 +75,10 @@ class ChannelServer:
         name: str = "",
         peer_alive: Callable[[], bool] | None = None,
         failures: FailureStatuses = IDM_FAILURES,
+        streamed: Mapping[int, StreamedHandler] | None = None,
     ) -> None:
         self.channel = channel
+        self.streamed = dict(streamed or {})
         self.failures = failures
         self.handlers = dict(handlers)
         self.handlers.setdefault(Op.NULL, null_handler)
@@ -94,14 +100,15 @@ class ChannelServer:
             self.channel.hello_server(self.max_payload)
             log_.debug("channel up", version=self.channel.version)
             # The hot loop of every forwarded call: locals, plain ints, no enum arithmetic.
-            recv_batch, dispatch, stopped = (
+            recv_batch, dispatch, stopped, streamed = (
                 self.channel.recv_batch,
                 self._dispatch,
                 self._stop.is_set,
+                self.streamed,
             )
             while not stopped():
                 idle = True
-                for header, payload in recv_batch(POLL_MS):
+                for header, payload in recv_batch(POLL_MS, streamed):
                     idle = False
                     dispatch(header, payload)
                 if idle and self.peer_alive is not None and not self.peer_alive():
@@ -117,24 +124,30 @@ class ChannelServer:
             self.channel.close()
             log_.debug("channel down", served=self.served, reason=self.close_reason)
 
-    def _dispatch(self, header: Header, payload: memoryview) -> None:
+    def _dispatch(self, header: Header, payload: memoryview | PayloadReader) -> None:
         self.served += 1
         flags = header.flags
         if flags & _REPLY:
             raise PeerViolation(
                 errno.EPROTO, f"zone sent a reply (opcode {header.opcode}) as a request"
             )
-        handler = self.handlers.get(header.opcode)
-        if handler is None:
-            if not flags & _ASYNC:
-                self.channel.reply(header.opcode, header.seq, self.failures.unknown_opcode, b"")
-            return
-        try:
-            reply = handler(header, payload)
-        except Exception:
-            # A handler bug must cost this request, not the zone's channel or the process.
-            log.exception("handler failed", channel=self.name, opcode=header.opcode, seq=header.seq)
-            reply = Reply(self.failures.handler_failed)
+        if isinstance(payload, PayloadReader):
+            reply = self._run_streamed(header, payload)
+        else:
+            handler = self.handlers.get(header.opcode)
+            if handler is None:
+                if not flags & _ASYNC:
+                    status = self.failures.unknown_opcode
+                    self.channel.reply(header.opcode, header.seq, status, b"")
+                return
+            try:
+                reply = handler(header, payload)
+            except Exception:
+                # A handler bug must cost this request, not the zone's channel or the process.
+                log.exception(
+                    "handler failed", channel=self.name, opcode=header.opcode, seq=header.seq
+                )
+                reply = Reply(self.failures.handler_failed)
         if not flags & _ASYNC:
             reply = reply or _EMPTY_OK
             out = reply.payload
@@ -142,3 +155,14 @@ class ChannelServer:
                 self.channel.reply_parts(header.opcode, header.seq, reply.status, out)
             else:
                 self.channel.reply(header.opcode, header.seq, reply.status, out)
+
+    def _run_streamed(self, header: Header, reader: PayloadReader) -> Reply | None:
+        try:
+            reply = self.streamed[header.opcode](header, reader)
+        except ChannelError:
+            raise  # the ring broke mid-message: the channel is done
+        except Exception:
+            log.exception("handler failed", channel=self.name, opcode=header.opcode, seq=header.seq)
+            reply = Reply(self.failures.handler_failed)
+        reader.discard()
+        return reply

@@ -10,8 +10,9 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libf
     # promtool checks gpu-proxy's /metrics exposition
     prometheus
     # vgpu-runtime: OCI runtimes for the zone agent (crun; runc where crun cannot run, e.g.
-    # hybrid cgroups), a real registry for image tests, containerd for the CRI benchmark baseline
-    crun runc docker-registry containerd)
+    # hybrid cgroups), a real registry for image tests (htpasswd writes its basic-auth file),
+    # containerd for the CRI benchmark baseline
+    crun runc docker-registry apache2-utils containerd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -229,7 +229,7 @@ class GrantChannelBroker:
         try:
             self._wait_connected(session)
             handles = link.zone_handles()
-            header = GrantFdOffer.from_handles(self._layout, handles).encode()
+            header = GrantFdOffer.from_handles(self._layout, handles, self._host).encode()
             fds = [handles.pages_fd, handles.req_fd, handles.rsp_fd]
             try:
                 socket.send_fds(session.conn, [header], fds)

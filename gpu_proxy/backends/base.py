@@ -17,6 +17,9 @@ from typing import Protocol
 from gpu_proxy.modules import KernelInfo
 
 Buffer = bytes | bytearray | memoryview
+# Fills a writable buffer with the next bytes of a copy's source (the zone's message, received
+# piece by piece); a backend calls it over buffers covering the copy, in order.
+Fill = Callable[[memoryview], None]
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class GpuBackend(Protocol):
     def memcpy_dtod(
         self, ctx: Context, dst: int, src: int, size: int, stream: Stream | None
     ) -> None: ...
+    def memcpy_htod_from(
+        self, ctx: Context, dst: int, size: int, fill: Fill, stream: Stream | None
+    ) -> None:
+        """A copy whose source bytes are still arriving: the backend hands ``fill`` the buffers
+        they should land in, so they are received once, where they are needed."""
+        ...
+
     def memcpy_htod_shared(
         self, ctx: Context, dst: int, src: memoryview, stream: Stream | None
     ) -> None:

@@ -24,6 +24,7 @@ from gpu_proxy.backends.base import (
     DeviceGlobal,
     DeviceInfo,
     Event,
+    Fill,
     Function,
     Module,
     Stream,
@@ -328,6 +329,16 @@ class CudaBackend:
                 # From pageable memory the driver stages `data` before returning, so the caller
                 # may reuse it at once.
                 _call(driver.cuMemcpyHtoDAsync, dst, data, size, _stream(stream))
+
+    def memcpy_htod_from(
+        self, ctx: Context, dst: int, size: int, fill: Fill, stream: Stream | None
+    ) -> None:
+        """Received into one private buffer, then copied as memcpy_htod copies. A pair of
+        pinned staging buffers, filled alternately while the other's DMA runs, is what would
+        overlap the transfer with the receive (to be measured on a GPU)."""
+        payload = bytearray(size)
+        fill(memoryview(payload))
+        self.memcpy_htod(ctx, dst, payload, stream)
 
     def memcpy_htod_shared(
         self, ctx: Context, dst: int, src: memoryview, stream: Stream | None

@@ -25,6 +25,7 @@ from gpu_proxy.backends.base import (
     DeviceGlobal,
     DeviceInfo,
     Event,
+    Fill,
     Function,
     Module,
     Stream,
@@ -752,6 +753,25 @@ class SimBackend:
             self._submit(c, None, lambda: _copy(slab, off, view, 0, size))
         else:
             payload = bytes(view)
+            self._submit(c, stream, lambda: _copy(slab, off, payload, 0, size))
+
+    def memcpy_htod_from(
+        self, ctx: Context, dst: int, size: int, fill: Fill, stream: Stream | None
+    ) -> None:
+        """On the legacy stream the bytes are received straight into device memory once the
+        earlier work has run; another stream receives them into a copy it keeps until it runs."""
+        c = self._ctx(ctx)
+        slab, off = self._span(c, dst, size)
+        if stream is None:
+
+            def receive() -> None:
+                with memoryview(slab) as view:
+                    fill(view[off : off + size])
+
+            self._submit(c, None, receive)
+        else:
+            payload = bytearray(size)
+            fill(memoryview(payload))
             self._submit(c, stream, lambda: _copy(slab, off, payload, 0, size))
 
     def memcpy_dtoh(

@@ -154,6 +154,10 @@ class CallHandlers(Generic[Ctx]):
         """vgpuMemcpyDtoHSharedAsync (0x0235, async): fire-and-forget, returns a CUresult; truly asynchronous device-to-host copy into a shared arena: complete once the stream is."""
         return CUDA_ERROR_NOT_SUPPORTED
 
+    def vgpuHostShareGrants(self, ctx: Ctx, req: codec.vgpuHostShareGrants_Request) -> codec.vgpuHostShareGrants_Reply | int:
+        """vgpuHostShareGrants (0x0236, sync); pinned host memory under the grant link: `size` bytes in pages the zone granted to gpu-proxy's domain (`refs`: one u32 little-endian grant ref per page, in order), mapped by gpu-proxy for this channel."""
+        return CUDA_ERROR_NOT_SUPPORTED
+
     def cuCtxCreate_v2(self, ctx: Ctx, req: codec.cuCtxCreate_v2_Request) -> codec.cuCtxCreate_v2_Reply | int:
         """cuCtxCreate_v2 (0x0301, sync)."""
         return CUDA_ERROR_NOT_SUPPORTED
@@ -539,6 +543,14 @@ DISPATCH: dict[int, Entry] = {
         None,
         True,
         codec.CALLS[0x0235],
+    ),
+    0x0236: Entry(
+        "vgpuHostShareGrants",
+        codec.decode_vgpuHostShareGrants_request,
+        "vgpuHostShareGrants",
+        codec.encode_vgpuHostShareGrants_reply,
+        False,
+        codec.CALLS[0x0236],
     ),
     0x0301: Entry(
         "cuCtxCreate_v2",

@@ -172,9 +172,9 @@ int idm_grant_fd_connect(struct idm_grant_fd_link *link, const char *path, int t
                       offer.status < 0 && offer.status > -4096 ? -offer.status : EPROTO,
                       "the zone agent could not set up the channel: %s", offer.why);
     }
-    if (offer.reserved)
-        return refuse(link, why, why_len, EPROTO, "reserved header field is %u, not 0",
-                      offer.reserved);
+    if (offer.peer_domid >= IDM_DOMID_FIRST_RESERVED)
+        return refuse(link, why, why_len, EPROTO, "peer domain %u is not a domain id",
+                      offer.peer_domid);
     if (truncated || nfds != IDM_GRANT_FD_NFDS)
         return refuse(link, why, why_len, EPROTO, "the channel came with %zu fds, not %d", nfds,
                       IDM_GRANT_FD_NFDS);
@@ -206,6 +206,7 @@ int idm_grant_fd_connect(struct idm_grant_fd_link *link, const char *path, int t
         return refuse(link, why, why_len, EBADF,
                       "the two evtchn fds must be one device and the gntalloc fd another");
     link->len = size;
+    link->peer_domid = offer.peer_domid;
     link->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, link->fds[FD_PAGES],
                       (off_t)offer.mmap_offset);
     if (link->base == MAP_FAILED)

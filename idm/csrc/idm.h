@@ -276,13 +276,14 @@ void idm_local_release(struct idm_local_link *link);
 #define IDM_GRANT_FD_MAGIC 0x44464749u /* "IGFD" */
 #define IDM_GRANT_FD_NFDS 3           /* gntalloc, request ring's evtchn, response ring's evtchn */
 #define IDM_GRANT_FD_WHY_LEN 128
+#define IDM_DOMID_FIRST_RESERVED 0x7FF0u /* DOMID_SELF and friends name no real domain */
 #define IDM_EVTCHN_PORT_MAX ((1u << 17) - 1) /* no event channel ABI has a larger port */
 
 struct idm_grant_fd_offer {
     uint32_t magic;          /* IDM_GRANT_FD_MAGIC */
     uint32_t layout_version; /* IDM_LAYOUT_VERSION */
     int32_t status;          /* 0: the fds follow; -errno: the broker failed, `why` says how */
-    uint32_t reserved;       /* must be 0 */
+    uint32_t peer_domid;     /* the domain the pages are granted to (gpu-proxy's) */
     struct idm_layout layout;
     uint64_t mmap_offset;    /* where the region lies in the gntalloc fd (page aligned) */
     uint64_t mmap_length;    /* idm_region_size(&layout) */
@@ -296,7 +297,8 @@ struct idm_grant_fd_link {
     void *base;
     size_t len;
     int sock;
-    int fds[IDM_GRANT_FD_NFDS];
+    int fds[IDM_GRANT_FD_NFDS]; /* gntalloc (the pages), request evtchn, response evtchn */
+    uint32_t peer_domid;        /* where the pages are granted: gpu-proxy's domain */
 };
 
 /*

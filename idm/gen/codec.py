@@ -32,7 +32,7 @@ __all__ = [
     "CALL_TABLE_DIGEST",
 ]
 
-CALL_TABLE_DIGEST = "e8b6ed9ef9f4b613469cdfbeef550f45709766cc9c2792def9eb6d0798041ce8"
+CALL_TABLE_DIGEST = "bc4d3559413b43f954147508962d0d0dd4af4fda4d5392f6f4989d8d6a5e8ff1"
 
 # Function bodies use only these aliases, so an arg may be named like any builtin.
 _Struct = struct.Struct
@@ -1411,6 +1411,69 @@ def decode_vgpuMemcpyDtoHSharedAsync_request(payload: Buffer) -> vgpuMemcpyDtoHS
     if _n != 40:
         raise _DecodeError(f"vgpuMemcpyDtoHSharedAsync request: payload is {_n} bytes, expected 40")
     return vgpuMemcpyDtoHSharedAsync_Request._make(_REQ_vgpuMemcpyDtoHSharedAsync.unpack_from(_p))
+
+
+# ---- vgpuHostShareGrants (0x0236, sync) ---------------------------------------------------------
+class vgpuHostShareGrants_Request(NamedTuple):
+    arena: int
+    size: int
+    refs: Buffer
+    refsSize: int
+
+
+class vgpuHostShareGrants_Reply(NamedTuple):
+    pass
+
+
+_REQ_vgpuHostShareGrants = _Struct("<QQI")
+_REQ_vgpuHostShareGrants_FIELDS = (("arena", "Q"), ("size", "Q"), ("refsSize", "I"))
+
+
+def encode_vgpuHostShareGrants_request(arena: int, size: int, refs: Buffer, refsSize: int) -> bytes:
+    try:
+        _head = _REQ_vgpuHostShareGrants.pack(arena, size, refsSize)
+    except _PACK_ERRORS as _e:
+        raise _explain("vgpuHostShareGrants request", _REQ_vgpuHostShareGrants_FIELDS, (arena, size, refsSize), _e) from None
+    try:
+        _x_refs = _view(refs)
+    except TypeError:
+        raise _EncodeError(f"vgpuHostShareGrants request: refs must be a bytes-like object, not {_type(refs).__name__}") from None
+    if _len(_x_refs) > 1048576:
+        raise _EncodeError(f"vgpuHostShareGrants request: refs is {_len(_x_refs)} bytes, more than the max 1048576")
+    if _len(_x_refs) != refsSize:
+        raise _EncodeError(f"vgpuHostShareGrants request: refs is {_len(_x_refs)} bytes but refsSize = {refsSize!r}")
+    _out = b"".join((_head, _x_refs))
+    return _out
+
+
+def decode_vgpuHostShareGrants_request(payload: Buffer) -> vgpuHostShareGrants_Request:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n < 20:
+        raise _DecodeError(f"vgpuHostShareGrants request: payload is {_n} bytes, shorter than the 20-byte fixed part")
+    _f = _REQ_vgpuHostShareGrants.unpack_from(_p)
+    if _f[2] > 1048576:
+        raise _DecodeError(f"vgpuHostShareGrants request: refsSize = {_f[2]} is outside 0..1048576 (length of refs)")
+    _o = 20
+    if _n - _o < _f[2]:
+        raise _DecodeError(f"vgpuHostShareGrants request: refs needs refsSize = {_f[2]} bytes, {_n - _o} left")
+    _x_refs = _p[_o : _o + _f[2]]
+    _o += _f[2]
+    if _o != _n:
+        raise _DecodeError(f"vgpuHostShareGrants request: {_n - _o} trailing bytes")
+    return vgpuHostShareGrants_Request(_f[0], _f[1], _x_refs, _f[2])
+
+
+def encode_vgpuHostShareGrants_reply() -> bytes:
+    return b""
+
+
+def decode_vgpuHostShareGrants_reply(payload: Buffer) -> vgpuHostShareGrants_Reply:
+    _p = _view(payload)
+    _n = _len(_p)
+    if _n != 0:
+        raise _DecodeError(f"vgpuHostShareGrants reply: payload is {_n} bytes, expected 0")
+    return vgpuHostShareGrants_Reply()
 
 
 # ---- cuCtxCreate_v2 (0x0301, sync) --------------------------------------------------------------
@@ -3067,6 +3130,8 @@ CALLS: dict[int, CallCodec] = {
         out_handles=(),
         out_caps=(),
         bounds=(("srcHost", 67108848),),
+        request_head=_REQ_cuMemcpyHtoD_v2,
+        request_head_fields=("dstDevice", "ByteCount"),
     ),
     0x0211: CallCodec(
         name="cuMemcpyDtoH_v2",
@@ -3112,6 +3177,8 @@ CALLS: dict[int, CallCodec] = {
         out_handles=(),
         out_caps=(),
         bounds=(("srcHost", 67108840),),
+        request_head=_REQ_cuMemcpyHtoDAsync_v2,
+        request_head_fields=("dstDevice", "ByteCount", "hStream"),
     ),
     0x0219: CallCodec(
         name="cuMemcpyDtoHAsync_v2",
@@ -3293,6 +3360,23 @@ CALLS: dict[int, CallCodec] = {
         out_caps=(),
         bounds=(),
     ),
+    0x0236: CallCodec(
+        name="vgpuHostShareGrants",
+        opcode=0x0236,
+        is_async=False,
+        request_type=vgpuHostShareGrants_Request,
+        reply_type=vgpuHostShareGrants_Reply,
+        encode_request=encode_vgpuHostShareGrants_request,
+        decode_request=decode_vgpuHostShareGrants_request,
+        encode_reply=encode_vgpuHostShareGrants_reply,
+        decode_reply=decode_vgpuHostShareGrants_reply,
+        in_handles=(),
+        out_handles=(),
+        out_caps=(),
+        bounds=(("refs", 1048576),),
+        request_head=_REQ_vgpuHostShareGrants,
+        request_head_fields=("arena", "size", "refsSize"),
+    ),
     0x0301: CallCodec(
         name="cuCtxCreate_v2",
         opcode=0x0301,
@@ -3352,6 +3436,8 @@ CALLS: dict[int, CallCodec] = {
         out_handles=(HandleRef("module", "module", False),),
         out_caps=(),
         bounds=(("image", 67108856),),
+        request_head=_REQ_cuModuleLoadData,
+        request_head_fields=("imageSize",),
     ),
     0x0402: CallCodec(
         name="cuModuleUnload",
@@ -3472,6 +3558,8 @@ CALLS: dict[int, CallCodec] = {
         out_handles=(),
         out_caps=(),
         bounds=(("params", 32764),),
+        request_head=_REQ_cuLaunchKernel,
+        request_head_fields=("f", "gridDimX", "gridDimY", "gridDimZ", "blockDimX", "blockDimY", "blockDimZ", "sharedMemBytes", "hStream", "paramsSize"),
     ),
     0x0601: CallCodec(
         name="cuStreamCreate",

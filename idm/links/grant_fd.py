@@ -24,7 +24,8 @@ LAYOUT_VERSION: int = lib.IDM_LAYOUT_VERSION
 NFDS: int = lib.IDM_GRANT_FD_NFDS
 WHY_LEN: int = lib.IDM_GRANT_FD_WHY_LEN
 PORT_MAX: int = lib.IDM_EVTCHN_PORT_MAX
-# magic, layout_version, status, reserved, req_order, rsp_order, mmap_offset, mmap_length,
+DOMID_FIRST_RESERVED: int = lib.IDM_DOMID_FIRST_RESERVED
+# magic, layout_version, status, peer_domid, req_order, rsp_order, mmap_offset, mmap_length,
 # req_port, rsp_port, why
 HEADER = struct.Struct(f"<IIiIIIQQII{WHY_LEN}s")
 _OFFSET_MAX = (1 << 63) - 1  # off_t
@@ -36,6 +37,7 @@ class GrantFdOffer(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     layout: RingLayout
+    peer_domid: int = Field(ge=0, lt=DOMID_FIRST_RESERVED)
     mmap_offset: int = Field(ge=0, le=_OFFSET_MAX)
     mmap_length: int = Field(gt=0)
     req_port: int = Field(ge=1, le=PORT_MAX)
@@ -57,9 +59,10 @@ class GrantFdOffer(BaseModel):
         return self
 
     @classmethod
-    def from_handles(cls, layout: RingLayout, handles: ZoneHandles) -> Self:
+    def from_handles(cls, layout: RingLayout, handles: ZoneHandles, peer_domid: int) -> Self:
         return cls(
             layout=layout,
+            peer_domid=peer_domid,
             mmap_offset=handles.pages_offset,
             mmap_length=handles.pages_length,
             req_port=handles.req_port,
@@ -71,7 +74,7 @@ class GrantFdOffer(BaseModel):
             MAGIC,
             LAYOUT_VERSION,
             0,
-            0,
+            self.peer_domid,
             self.layout.req_order,
             self.layout.rsp_order,
             self.mmap_offset,

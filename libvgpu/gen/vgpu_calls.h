@@ -21,9 +21,9 @@
 
 /* == IDM_MAX_PAYLOAD in idm.h */
 #define VGPU_MAX_PAYLOAD (64u << 20)
-#define VGPU_NUM_CALLS 61
+#define VGPU_NUM_CALLS 62
 /* First 64 bits of the call table's SHA-256 (both ends can compare it at hello). */
-#define VGPU_CALL_TABLE_DIGEST 0xe8b6ed9ef9f4b613ull
+#define VGPU_CALL_TABLE_DIGEST 0xbc4d3559413b43f9ull
 
 /* ---- opcodes ---- */
 #define VGPU_OP_cuInit                       0x0101u
@@ -57,6 +57,7 @@
 #define VGPU_OP_vgpuMemcpyHtoDSharedAsync    0x0233u
 #define VGPU_OP_vgpuMemcpyDtoHShared         0x0234u
 #define VGPU_OP_vgpuMemcpyDtoHSharedAsync    0x0235u
+#define VGPU_OP_vgpuHostShareGrants          0x0236u
 #define VGPU_OP_cuCtxCreate_v2               0x0301u
 #define VGPU_OP_cuCtxDestroy_v2              0x0302u
 #define VGPU_OP_cuCtxSynchronize             0x0303u
@@ -95,6 +96,7 @@
 #define VGPU_MAX_cuMemcpyDtoH_v2_dstHost 67108860u
 #define VGPU_MAX_cuMemcpyHtoDAsync_v2_srcHost 67108840u
 #define VGPU_MAX_cuMemcpyDtoHAsync_v2_dstHost 67108860u
+#define VGPU_MAX_vgpuHostShareGrants_refs 1048576u
 #define VGPU_MAX_cuModuleLoadData_image 67108856u
 #define VGPU_MAX_cuModuleGetFunction_name 4096u
 #define VGPU_MAX_cuModuleGetGlobal_v2_name 4096u
@@ -309,6 +311,15 @@ int vgpu_unmarshal_vgpuMemcpyDtoHShared_reply(const uint8_t *vgpu_buf, size_t vg
 int vgpu_marshal_vgpuMemcpyDtoHSharedAsync(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
                                            uint64_t offset, unsigned long long srcDevice,
                                            size_t ByteCount, uint64_t hStream);
+
+/*
+ * vgpuHostShareGrants (0x0236, sync): pinned host memory under the grant link: `size` bytes in
+ * pages the zone granted to gpu-proxy's domain (`refs`: one u32 little-endian grant ref per page,
+ * in order), mapped by gpu-proxy for this channel
+ */
+int vgpu_marshal_vgpuHostShareGrants(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
+                                     uint64_t size, const void *refs, unsigned int refsSize);
+int vgpu_unmarshal_vgpuHostShareGrants_reply(const uint8_t *vgpu_buf, size_t vgpu_len);
 
 /* cuCtxCreate_v2 (0x0301, sync) */
 int vgpu_marshal_cuCtxCreate_v2(uint8_t *vgpu_buf, size_t vgpu_cap, unsigned int flags, int dev);

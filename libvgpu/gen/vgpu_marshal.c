@@ -110,6 +110,7 @@ const struct vgpu_call_info vgpu_calls[] = {
     {"vgpuMemcpyHtoDSharedAsync", 0x0233u, 40u, 0u, 1},
     {"vgpuMemcpyDtoHShared", 0x0234u, 32u, 0u, 0},
     {"vgpuMemcpyDtoHSharedAsync", 0x0235u, 40u, 0u, 1},
+    {"vgpuHostShareGrants", 0x0236u, 20u, 0u, 0},
     {"cuCtxCreate_v2", 0x0301u, 8u, 8u, 0},
     {"cuCtxDestroy_v2", 0x0302u, 8u, 0u, 0},
     {"cuCtxSynchronize", 0x0303u, 0u, 0u, 0},
@@ -869,6 +870,36 @@ int vgpu_marshal_vgpuMemcpyDtoHSharedAsync(uint8_t *vgpu_buf, size_t vgpu_cap, u
     vgpu_put_u64(vgpu_buf + 24, (uint64_t)ByteCount);
     vgpu_put_u64(vgpu_buf + 32, (uint64_t)hStream);
     return (int)vgpu_len;
+}
+
+/* ---- vgpuHostShareGrants (0x0236, sync) ---- */
+
+int vgpu_marshal_vgpuHostShareGrants(uint8_t *vgpu_buf, size_t vgpu_cap, uint64_t arena,
+                                     uint64_t size, const void *refs, unsigned int refsSize)
+{
+    size_t vgpu_len = 20;
+    if (vgpu_bad_len_u((uint64_t)refsSize, 1048576u))
+        return -1;
+    if (refs == NULL && refsSize != 0)
+        return -1;
+    vgpu_len += (size_t)refsSize;
+    if (vgpu_buf == NULL || vgpu_len > vgpu_cap || vgpu_len > VGPU_MAX_PAYLOAD)
+        return -1;
+    vgpu_put_u64(vgpu_buf + 0, (uint64_t)arena);
+    vgpu_put_u64(vgpu_buf + 8, (uint64_t)size);
+    vgpu_put_u32(vgpu_buf + 16, (uint32_t)refsSize);
+    size_t vgpu_off = 20;
+    if (refsSize != 0)
+        memcpy(vgpu_buf + vgpu_off, refs, (size_t)refsSize);
+    return (int)vgpu_len;
+}
+
+int vgpu_unmarshal_vgpuHostShareGrants_reply(const uint8_t *vgpu_buf, size_t vgpu_len)
+{
+    (void)vgpu_buf;
+    if (vgpu_len != 0)
+        return -1;
+    return 0;
 }
 
 /* ---- cuCtxCreate_v2 (0x0301, sync) ---- */

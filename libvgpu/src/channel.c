@@ -30,9 +30,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <xen/gntalloc.h>
 
 #define DEFAULT_SOCKET "/run/vgpu/proxy.sock"
 /* 512 KiB per direction, the library default: large messages stream through it. */
@@ -464,6 +467,85 @@ CUresult vgpu_channel_share_fd(int fd, uint64_t arena, uint64_t size)
         r = reply_locked(VGPU_OP_vgpuHostShare, seq, rep, sizeof(rep), &len);
     pthread_mutex_unlock(&chan.lock);
     return r;
+}
+
+CUresult vgpu_channel_share_grants(size_t len, uint64_t arena, void **base, uint64_t *index)
+{
+    static int reported;
+    size_t pages = len / IDM_PAGE_SIZE, refs_len = pages * sizeof(uint32_t);
+    size_t head = offsetof(struct ioctl_gntalloc_alloc_gref, gref_ids), rep_len;
+    size_t req_cap = 32 + refs_len;
+    struct ioctl_gntalloc_alloc_gref *op;
+    struct ioctl_gntalloc_dealloc_gref undo;
+    struct iovec iov;
+    uint8_t *req, rep[8];
+    void *p = MAP_FAILED;
+    int n, err = 0;
+    CUresult r;
+
+    if (!pages || refs_len > VGPU_MAX_vgpuHostShareGrants_refs)
+        return CUDA_ERROR_NOT_SUPPORTED; /* more than one arena may be: copied instead */
+    op = calloc(1, head + refs_len);
+    req = malloc(req_cap);
+    if (!op || !req) {
+        free(op);
+        free(req);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    op->flags = GNTALLOC_FLAG_WRITABLE;
+    op->count = (uint32_t)pages;
+    pthread_mutex_lock(&chan.lock);
+    r = ready_locked();
+    if (!r && chan.kind != LINK_GRANT)
+        r = CUDA_ERROR_NOT_SUPPORTED;
+    if (!r) {
+        op->domid = (uint16_t)chan.grant.peer_domid;
+        if (ioctl(chan.grant.fds[0], IOCTL_GNTALLOC_ALLOC_GREF, op) < 0) {
+            err = errno;
+        } else if ((p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, chan.grant.fds[0],
+                             (off_t)op->index)) == MAP_FAILED) {
+            err = errno;
+            undo = (struct ioctl_gntalloc_dealloc_gref){op->index, op->count};
+            (void)ioctl(chan.grant.fds[0], IOCTL_GNTALLOC_DEALLOC_GREF, &undo);
+        }
+        if (err)
+            r = CUDA_ERROR_NOT_SUPPORTED;
+    }
+    pthread_mutex_unlock(&chan.lock);
+    if (err && !reported) {
+        reported = 1;
+        vgpu_log("granting %zu pages of pinned memory to gpu-proxy failed (%s): such buffers are "
+                 "copied through the channel (see /sys/module/xen_gntalloc/parameters/limit and "
+                 "the zone's max_grant_frames)",
+                 pages, strerror(err));
+    }
+    if (!r) {
+        n = vgpu_marshal_vgpuHostShareGrants(req, req_cap, arena, len, op->gref_ids,
+                                             (unsigned)refs_len);
+        iov = (struct iovec){req, n < 0 ? 0 : (size_t)n};
+        r = n < 0 ? CUDA_ERROR_INVALID_VALUE
+                  : vgpu_call(VGPU_OP_vgpuHostShareGrants, &iov, 1, rep, sizeof(rep), &rep_len);
+        if (r) {
+            vgpu_channel_ungrant(p, len, op->index);
+        } else {
+            *base = p;
+            *index = op->index;
+        }
+    }
+    free(op);
+    free(req);
+    return r;
+}
+
+void vgpu_channel_ungrant(void *base, size_t len, uint64_t index)
+{
+    struct ioctl_gntalloc_dealloc_gref d = {index, (uint32_t)(len / IDM_PAGE_SIZE)};
+
+    munmap(base, len);
+    pthread_mutex_lock(&chan.lock);
+    if (chan.kind == LINK_GRANT && chan.grant.fds[0] >= 0)
+        (void)ioctl(chan.grant.fds[0], IOCTL_GNTALLOC_DEALLOC_GREF, &d);
+    pthread_mutex_unlock(&chan.lock);
 }
 
 /* ---- fork ----------------------------------------------------------------------------------- */

@@ -2,13 +2,14 @@
  * Pinned host memory: cuMemHostAlloc / cuMemAllocHost / cuMemFreeHost, cuMemHostRegister /
  * cuMemHostUnregister, cuMemHostGetFlags.
  *
- * On a LocalLink, each cuMemHostAlloc allocation is a memfd sealed against shrinking and growing
- * that gpu-proxy maps too (vgpu_channel_share_fd): a copy to or from it sends only (arena,
+ * Each cuMemHostAlloc allocation is memory gpu-proxy maps too: on a LocalLink a memfd sealed
+ * against shrinking and growing (vgpu_channel_share_fd), under the Xen grant link pages granted
+ * to gpu-proxy's domain (vgpu_channel_share_grants). A copy to or from it sends only (arena,
  * offset, length) and gpu-proxy moves the bytes between those pages and device memory
  * (memcpy.c), so cuMemcpyHtoDAsync/DtoHAsync on it are truly asynchronous. Memory the
  * application allocated itself and registers with cuMemHostRegister cannot be shared after the
- * fact, nor can anything under the grant link (its pages would have to be granted): those are
- * pinned in name only and copied through the channel as pageable memory is.
+ * fact, nor can an allocation the zone cannot grant (gntalloc's or the grant table's limit):
+ * those are pinned in name only and copied through the channel as pageable memory is.
  */
 #define _GNU_SOURCE
 #include "vgpu.h"
@@ -30,6 +31,8 @@ struct pinned {
     size_t size;       /* what the caller asked for */
     size_t mapped;     /* page-rounded length of our mapping (allocations only) */
     uint64_t arena;    /* gpu-proxy's name for it; 0 when not shared */
+    uint64_t grant;    /* gntalloc's index of its pages when granted (grant link) */
+    int granted;
     unsigned flags;
     int registered;    /* cuMemHostRegister of the caller's own memory */
     struct pinned *next;
@@ -82,16 +85,23 @@ int vgpu_pinned_shared(const void *p, size_t n, uint64_t *arena, uint64_t *offse
 void vgpu_pinned_reset(void)
 {
     for (struct pinned *e = pinned_list; e; e = e->next)
-        e->arena = 0; /* still valid memory in the child; copied from now on */
+        e->arena = e->granted = 0; /* still valid memory in the child; copied from now on */
 }
 
-/* A memfd mapping shared with gpu-proxy, or (grant link) private memory; NULL on failure. */
-static void *map_pinned(size_t len, uint64_t arena, int *shared, CUresult *r)
+/* Pages granted to gpu-proxy (grant link), else a memfd mapping shared with it, else (a grant
+ * link that cannot grant more) private memory; NULL on failure. */
+static void *map_pinned(size_t len, uint64_t arena, struct pinned *e, CUresult *r)
 {
-    int fd = memfd_create("vgpu-pinned", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    int fd;
     void *p;
 
-    *shared = 0;
+    *r = vgpu_channel_share_grants(len, arena, &p, &e->grant);
+    if (*r != CUDA_ERROR_NOT_SUPPORTED) {
+        e->granted = !*r;
+        e->arena = *r ? 0 : arena;
+        return *r ? NULL : p;
+    }
+    fd = memfd_create("vgpu-pinned", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0 || ftruncate(fd, (off_t)len) < 0 ||
         fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
         if (fd >= 0)
@@ -108,7 +118,7 @@ static void *map_pinned(size_t len, uint64_t arena, int *shared, CUresult *r)
     *r = vgpu_channel_share_fd(fd, arena, len);
     close(fd); /* the mapping, and gpu-proxy's copy of the fd, keep the memory */
     if (*r == CUDA_SUCCESS)
-        *shared = 1;
+        e->arena = arena;
     else if (*r == CUDA_ERROR_NOT_SUPPORTED)
         *r = CUDA_SUCCESS; /* grant link: pinned in name, copied through the channel */
     if (*r) {
@@ -125,7 +135,6 @@ VGPU_API CUresult CUDAAPI cuMemHostAlloc(void **pp, size_t bytesize, unsigned in
     CUcontext ctx;
     uint64_t arena;
     size_t len;
-    int shared;
     void *p;
     CUresult r = vgpu_current_context(&ctx, NULL);
 
@@ -140,12 +149,15 @@ VGPU_API CUresult CUDAAPI cuMemHostAlloc(void **pp, size_t bytesize, unsigned in
     vgpu_lock();
     arena = next_arena++;
     vgpu_unlock();
-    p = map_pinned(len, arena, &shared, &r);
+    p = map_pinned(len, arena, e, &r);
     if (!p) {
         free(e);
         return r;
     }
-    *e = (struct pinned){p, bytesize, len, shared ? arena : 0, Flags, 0, NULL};
+    e->base = p;
+    e->size = bytesize;
+    e->mapped = len;
+    e->flags = Flags;
     vgpu_lock();
     e->next = pinned_list;
     pinned_list = e;
@@ -186,7 +198,10 @@ VGPU_API CUresult CUDAAPI cuMemFreeHost(void *p)
             return r;
         }
     }
-    munmap(e->base, e->mapped);
+    if (e->granted)
+        vgpu_channel_ungrant(e->base, e->mapped, e->grant);
+    else
+        munmap(e->base, e->mapped);
     free(e);
     return CUDA_SUCCESS;
 }
@@ -222,7 +237,7 @@ VGPU_API CUresult CUDAAPI cuMemHostRegister_v2(void *p, size_t bytesize, unsigne
     e = calloc(1, sizeof(*e));
     if (!e)
         return CUDA_ERROR_OUT_OF_MEMORY;
-    *e = (struct pinned){p, bytesize, 0, 0, Flags, 1, NULL};
+    *e = (struct pinned){.base = p, .size = bytesize, .flags = Flags, .registered = 1};
     vgpu_lock();
     for (struct pinned *o = pinned_list; o; o = o->next)
         overlaps |= (uintptr_t)p < (uintptr_t)o->base + o->size &&

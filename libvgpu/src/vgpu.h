@@ -70,6 +70,13 @@ CUresult vgpu_call_batch(struct vgpu_batch_call *calls, size_t n);
 size_t vgpu_channel_max_payload(void);
 /* Pass a pinned allocation's memfd to gpu-proxy as `arena` (LocalLink only, channel.c). */
 CUresult vgpu_channel_share_fd(int fd, uint64_t arena, uint64_t size);
+/* Under the grant link: `len` bytes (whole pages) granted to gpu-proxy's domain through the
+ * link's gntalloc fd, mapped at *base and shared with gpu-proxy as `arena`
+ * (vgpuHostShareGrants); *index is gntalloc's name for them (vgpu_channel_ungrant).
+ * CUDA_ERROR_NOT_SUPPORTED on another link, or when no more pages can be granted (said once). */
+CUresult vgpu_channel_share_grants(size_t len, uint64_t arena, void **base, uint64_t *index);
+/* Unmap granted pages; they are given back once gpu-proxy has unmapped them too. */
+void vgpu_channel_ungrant(void *base, size_t len, uint64_t index);
 
 /* ---- pinned.c: pinned host memory ---------------------------------------------------------- */
 

@@ -3,6 +3,7 @@ connecting over real LocalLink channels and speaking the generated call codec (a
 in C), isolation between zones, quotas, deferred errors, and complete teardown."""
 
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -135,6 +136,39 @@ def test_out_of_range_and_malformed_requests_cost_only_that_request(
     # CUDA_ERROR_NOT_INITIALIZED
     assert reply is not None and reply.header.status == errors.CUDA_ERROR_NOT_SUPPORTED
     assert guest.ok("cuMemGetInfo_v2").total == 16 * MiB
+
+
+def test_large_host_to_device_copies_are_received_straight_into_place(
+    registry: ZoneRegistry,
+) -> None:
+    """Copies past the batch size are streamed (head first, then the data straight into device
+    memory): the bytes land in order, on the legacy stream and on another one, and a head that
+    lies (a ByteCount that is not the data that follows, a range outside the allocation, an
+    unknown stream) costs only that request, its data discarded."""
+    guest = Guest(registry.register(zone("zone-a"), 64 * MiB))
+    size = 3 * MiB + 5
+    ptr = guest.ok("cuMemAlloc_v2", size).dptr
+    stream = guest.ok("cuStreamCreate", 0).phStream
+    data = bytes(i * 7 % 251 for i in range(size))
+    guest.ok("cuMemcpyHtoD_v2", ptr, data, size)
+    assert bytes(guest.ok("cuMemcpyDtoH_v2", ptr, size).dstHost) == data
+    guest.call("cuMemcpyHtoDAsync_v2", ptr, data[::-1], size, stream)
+    guest.ok("cuStreamSynchronize", stream)
+    assert bytes(guest.ok("cuMemcpyDtoH_v2", ptr, size).dstHost) == data[::-1]
+
+    opcode = CALLS_BY_NAME["cuMemcpyHtoD_v2"].opcode
+    head = struct.Struct("<QQ")
+    lies = [
+        head.pack(ptr, size - 1) + data,  # ByteCount one short of the data
+        head.pack(ptr + 4096, size) + data,  # runs past the allocation
+    ]
+    for seq, payload in enumerate(lies, start=500):
+        guest.channel.send(opcode, payload, seq=seq)
+        reply = guest.channel.recv(timeout_ms=10_000)
+        assert reply is not None and reply.header.status == INVALID_VALUE
+    guest.call("cuMemcpyHtoDAsync_v2", ptr, data, size, 0xBAD)
+    assert guest.call("cuCtxSynchronize")[0] == INVALID_HANDLE
+    assert bytes(guest.ok("cuMemcpyDtoH_v2", ptr, size).dstHost) == data[::-1]  # untouched
 
 
 def test_fire_and_forget_errors_surface_at_the_next_sync_call(

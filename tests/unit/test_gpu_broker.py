@@ -36,7 +36,12 @@ from tests.unit.xen_fakes import FakeXen
 
 LAYOUT = RingLayout(req_order=13, rsp_order=12)
 OFFER = GrantFdOffer(
-    layout=LAYOUT, mmap_offset=8 * PAGE_SIZE, mmap_length=LAYOUT.region_size, req_port=7, rsp_port=9
+    layout=LAYOUT,
+    peer_domid=3,
+    mmap_offset=8 * PAGE_SIZE,
+    mmap_length=LAYOUT.region_size,
+    req_port=7,
+    rsp_port=9,
 )
 
 
@@ -70,11 +75,11 @@ def short_dir() -> Iterator[Path]:
 
 def test_the_header_is_cs_struct_byte_for_byte() -> None:
     c = decode(OFFER.encode())
-    assert (c.magic, c.layout_version, c.status, c.reserved) == (
+    assert (c.magic, c.layout_version, c.status, c.peer_domid) == (
         lib.IDM_GRANT_FD_MAGIC,
         lib.IDM_LAYOUT_VERSION,
         0,
-        0,
+        3,
     )
     assert (c.layout.req_order, c.layout.rsp_order) == (13, 12)
     assert (c.mmap_offset, c.mmap_length) == (8 * PAGE_SIZE, 4 * PAGE_SIZE)
@@ -90,6 +95,7 @@ def test_the_header_is_cs_struct_byte_for_byte() -> None:
         ({"req_port": 0}, "greater than or equal to 1"),
         ({"rsp_port": 1 << 17}, "less than or equal to 131071"),
         ({"mmap_offset": (1 << 63) - PAGE_SIZE}, "leaves no room"),
+        ({"peer_domid": 0x7FF0}, "less than 32752"),
     ],
 )
 def test_offers_that_c_would_refuse_cannot_be_built(change: dict[str, int], message: str) -> None:
@@ -157,7 +163,7 @@ def header(**fields: int) -> bytes:
         "magic": lib.IDM_GRANT_FD_MAGIC,
         "version": lib.IDM_LAYOUT_VERSION,
         "status": 0,
-        "reserved": 0,
+        "peer_domid": 0,
         "req_order": 13,
         "rsp_order": 12,
         "offset": 0,
@@ -183,7 +189,7 @@ BAD_HEADERS = [
     (header()[:10], None, errno.EPROTO, "the zone agent's header is 10 bytes, not 176"),
     (header(magic=0x314D4449), MEMFDS, errno.EPROTO, "bad header magic 0x314d4449"),
     (header(version=2), MEMFDS, errno.EPROTO, "layout version 2, this side speaks 1"),
-    (header(reserved=1), MEMFDS, errno.EPROTO, "reserved header field is 1"),
+    (header(peer_domid=0x7FF0), MEMFDS, errno.EPROTO, "peer domain 32752 is not a domain id"),
     (header(), None, errno.EPROTO, "the channel came with 0 fds, not 3"),
     (header(req_order=40), MEMFDS, errno.EINVAL, "ring orders 40/12 are out of range 12..24"),
     (header(length=PAGE_SIZE), MEMFDS, errno.EINVAL, "region length 4096 does not match"),

@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from idm.channel import Channel
+from idm.channel import Channel, PayloadReader
 from idm.server import ChannelServer, FailureStatuses, Reply
 from idm.wire import Flags, Header, Op, Status
 from tests.conftest import Pair
@@ -136,3 +136,47 @@ def test_zone_that_never_reads_its_replies_is_cut_off(make_pair: MakePair) -> No
     thread.join(10)
     assert not thread.is_alive()
     assert "left its response ring full for 200 ms" in (server.close_reason or "")
+
+
+def test_streamed_handlers_take_large_payloads_in_pieces(make_pair: MakePair) -> None:
+    """A large message of a streamed opcode reaches its handler unread: it takes what it wants
+    in pieces (here the first 8 bytes, then every other 64 KiB slice); the server discards the
+    rest, so the channel stays in step. A small message of the same opcode and a handler that
+    raises cost nothing more. Other large messages arrive whole as before."""
+    _, zone, host = make_pair()
+    taken: list[bytes] = []
+
+    def pieces(header: Header, reader: PayloadReader) -> Reply:
+        head = bytearray(8)
+        reader.read_into(head)
+        chunk = bytearray(64 << 10)
+        while reader.remaining >= 2 * len(chunk):
+            reader.read_into(chunk)
+            taken.append(bytes(chunk))
+            reader.read_into(chunk)  # skipped
+        return Reply(0, bytes(head) + reader.remaining.to_bytes(8, "little"))
+
+    def broken(header: Header, reader: PayloadReader) -> Reply:
+        reader.read_into(bytearray(3))
+        raise RuntimeError("handler bug")
+
+    def whole(header: Header, payload: memoryview) -> Reply:
+        return Reply(0, len(payload).to_bytes(8, "little") + bytes(payload[-4:]))
+
+    server = ChannelServer(
+        host,
+        {100: whole, 101: whole},
+        max_payload=4 << 20,
+        streamed={100: pieces, 102: broken},
+    )
+    thread = start(server)
+    zone.hello_client(4 << 20)
+    big = b"headhead" + b"".join(bytes([i]) * (64 << 10) for i in range(40)) + b"tail"
+    assert call(zone, 100, big, 1) == (0, b"headhead" + (4).to_bytes(8, "little"))
+    assert taken == [bytes([i]) * (64 << 10) for i in range(0, 40, 2)]
+    assert call(zone, 100, b"small", 2) == (0, (5).to_bytes(8, "little") + b"mall")
+    assert call(zone, 101, big, 3) == (0, len(big).to_bytes(8, "little") + b"tail")
+    assert call(zone, 102, big, 4)[0] == Status.BAD_REQUEST
+    assert call(zone, Op.NULL, b"alive", 5) == (Status.OK, b"alive")
+    server.stop()
+    thread.join(5)

@@ -66,7 +66,9 @@ class Host:
             for name in names:
                 wait_for(f"the offer of {name}", self._offered(f"{zone_path(own, name)}/state"))
                 link = GrantLink.attach(own, name, self.xs, host_domid=own)
-                self.registry.serve_channel(ZONE, link.open_channel(), on_close=link.close)
+                self.registry.serve_channel(
+                    ZONE, link.open_channel(), on_close=link.close, grant_domid=own
+                )
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
 
