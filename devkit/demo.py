@@ -11,8 +11,9 @@ registering zones with it. Then, over the CRI socket, it does what kubelet does 
 creates and starts a container, waits for it to exit and reads its log; it shows gpu-proxy's
 view of the pod's zone (ZoneControl List, /metrics), removes the pod and checks that gpu-proxy
 released the zone. The container's CUDA program (cudart, static) reaches gpu-proxy through
-libvgpu: it prints the device it sees, a 64 MiB memory round trip and one kernel launch, which
-the sim backend validates and records without running.
+libvgpu: it prints the device it sees, a 64 MiB memory round trip, the same through pinned
+memory (cudaMallocHost, shared with gpu-proxy: the copies carry offsets, not data) and one kernel
+launch, which the sim backend validates and records without running.
 
 Needs root: the process zone backend creates namespaces, mounts and cgroups.
 """

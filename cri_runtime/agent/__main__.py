@@ -214,6 +214,7 @@ def _serve_domu(xen: Any) -> int:
         from cri_runtime.agent.gpu_broker import GrantChannelBroker
 
         xen.PROXY_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+        xen.allow_granting_memory()
         broker = GrantChannelBroker(xen.PROXY_SOCKET, xs)
         broker.start()
     xen.console(f"VGPU-ZONE-STAGE agent-serving {_uptime()}")

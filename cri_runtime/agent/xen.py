@@ -54,6 +54,9 @@ ZONE_DIR = Path("/run/vgpu/zone")
 PROXY_SOCKET = Path("/run/vgpu/proxy.sock")
 WAIT_POLL_S = 0.1  # how often a waiting offer looks for the runtime's connected state
 CONSOLE = Path("/dev/console")
+GNTALLOC_LIMIT = Path("/sys/module/xen_gntalloc/parameters/limit")
+MEMINFO = Path("/proc/meminfo")
+PAGE = 4096
 
 
 class ZoneAgentSettings(BaseModel):
@@ -169,6 +172,31 @@ class GrantControlConnector:
             if time.monotonic() > give_up:
                 raise ChannelError(0, "the runtime did not attach the control channel")
             time.sleep(WAIT_POLL_S)
+
+
+def allow_granting_memory(limit: Path = GNTALLOC_LIMIT, meminfo: Path = MEMINFO) -> int | None:
+    """Let the zone grant as many pages as it has memory: libvgpu's pinned buffers are pages
+    granted to gpu-proxy (one gntalloc grant per page), and gntalloc's default limit, 1024
+    pages for the whole domain, would leave them only 4 MiB. Never lowers the limit; returns
+    the limit in force, None where there is no gntalloc (pinned buffers are then copied). The
+    domain's grant table (xl's max_grant_frames, capped by Xen's gnttab_max_frames) bounds it
+    too: 64 frames are 32768 grants, 128 MiB."""
+    try:
+        current = int(limit.read_text())
+        total_kib = next(
+            int(line.split()[1])
+            for line in meminfo.read_text().splitlines()
+            if line.startswith("MemTotal:")
+        )
+        wanted = total_kib * 1024 // PAGE
+        if wanted > current:
+            limit.write_text(str(wanted))
+            log.info("gntalloc limit raised for pinned memory", pages=wanted, was=current)
+            return wanted
+        return current
+    except (OSError, ValueError, StopIteration) as exc:
+        log.warning("gntalloc limit left as it is: pinned memory may be copied", error=str(exc))
+        return None
 
 
 def console(line: str) -> None:

@@ -11,7 +11,9 @@ bookkeeping and marshalling, gpu-proxy's decoding, checks and dispatch, and the 
   and the rate gpu-proxy completes them, against raw fire-and-forget messages of the same size;
 - 64 MiB cuMemcpyHtoD / cuMemcpyDtoH against a raw 64 MiB message and a plain memcpy;
 - 64 MiB cuMemcpyHtoDAsync / DtoHAsync + cuStreamSynchronize on pinned memory (cuMemAllocHost,
-  shared with gpu-proxy: only arena, offset and length travel), against the pageable copies.
+  shared with gpu-proxy: only arena, offset and length travel), against the pageable copies;
+- cuModuleLoadData of a 16 MiB cubin again in the same zone: asked for by its SHA-256 (gpu-proxy's
+  module cache has it) against a gpu-proxy with the cache off (the image is sent every time).
 Results: results/bench/libvgpu_calls.json.
 """
 
@@ -44,6 +46,11 @@ from tests.nvcc import build_modules
 RESULTS = ROOT / "results" / "bench" / "libvgpu_calls.json"
 COPY_BYTES = 64 << 20
 KERNEL = 'extern "C" __global__ void noargs() {}\n'
+# A large module: 16 MiB of initialised __device__ data make a 16 MiB cubin.
+LARGE_MODULE = (
+    "__device__ unsigned char blob[16 << 20] = {1, 2, 3};\n"
+    'extern "C" __global__ void touch(unsigned char *out) { out[0] = blob[threadIdx.x]; }\n'
+)
 
 GOALS = {
     # A forwarded call costs what the ring costs plus gpu-proxy's dispatch: a few microseconds.
@@ -89,8 +96,12 @@ def measure(quick: bool) -> dict[str, Any]:
         out = Path(tmp)
         cubin = out / "noargs.cubin"
         build_modules(KERNEL, {cubin.name: ["-cubin", "-arch=sm_90"]}, out)
+        large = out / "large.cubin"
+        build_modules(LARGE_MODULE, {large.name: ["-cubin", "-arch=sm_90"]}, out)
         exe = build_driver(out)
         registry = ZoneRegistry(SimBackend(), out)
+        (out / "uncached").mkdir()
+        uncached = ZoneRegistry(SimBackend(), out / "uncached", module_cache_bytes=0)
         try:
             zone = ZoneIdentity(zone="bench", domid=0, pod="bench", namespace="bench", gpu_index=0)
             socket = registry.register(zone, 1 << 30)
@@ -100,8 +111,12 @@ def measure(quick: bool) -> dict[str, Any]:
             raw["dtoh"] = run_program(exe, socket, cpus, "dtoh", COPY_BYTES, reps)
             raw["pinned_htod"] = run_program(exe, socket, cpus, "pinned-htod", COPY_BYTES, reps)
             raw["pinned_dtoh"] = run_program(exe, socket, cpus, "pinned-dtoh", COPY_BYTES, reps)
+            raw["module"] = run_program(exe, socket, cpus, "module", large, reps)
+            plain = uncached.register(zone, 1 << 30)
+            raw["module_uncached"] = run_program(exe, plain, cpus, "module", large, reps)
         finally:
             registry.close()
+            uncached.close()
         idm = build_c(C_DIR / "idm_bench.c", out)
         host = out / "host.sock"
         with python_host(host):
@@ -130,6 +145,10 @@ def measure(quick: bool) -> dict[str, Any]:
         "memcpy_gib_per_s": raw["memcpy"]["gib_per_s"],
         "htod_vs_raw_bulk": ring_bulk_s / raw["htod"]["best_s"],
         "dtoh_vs_raw_bulk": ring_bulk_s / raw["dtoh"]["best_s"],
+        "module_first_load_ms": raw["module"]["first_s"] * 1000,
+        "module_load_by_digest_ms": raw["module"]["again_s"] * 1000,
+        "module_load_sent_ms": raw["module_uncached"]["again_s"] * 1000,
+        "module_sent_vs_by_digest": raw["module_uncached"]["again_s"] / raw["module"]["again_s"],
     }
     return {
         "quick": quick,

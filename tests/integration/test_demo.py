@@ -35,6 +35,8 @@ CONTAINER_LINES = [
     r"cudart -> libcuda\.so\.1 \(libvgpu\) -> gpu-proxy at /run/vgpu/proxy\.sock",
     r"device: (?P<name>.+), \d+ SMs, compute \d+\.\d, 256 MiB \(the zone's quota\)",
     r"memory: 64 MiB host -> device -> device -> host, checksum [0-9a-f]{16} verified",
+    r"pinned: 64 MiB cudaMallocHost -> device -> cudaMallocHost, async on a stream, checksum "
+    r"[0-9a-f]{16} verified",
     r"kernel: mix<<<65536, 256>>> launched, cudaDeviceSynchronize succeeded",
 ]
 SIM_KERNEL = (

@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 from pydantic import ValidationError
 
+from cri_runtime.agent import xen
 from cri_runtime.agent.xen import ZoneAgentSettings
 from cri_runtime.config import XenSettings
 from cri_runtime.zones import xen_disks
@@ -248,3 +249,17 @@ def test_a_disk_vdev_is_the_whole_name_or_refused(vdev: str) -> None:
     """Pydantic's pattern searches: an unanchored one let "xvdb,w" smuggle an access mode in."""
     with pytest.raises(ValidationError):
         XlDisk(target=PurePosixPath("/dev/loop0"), vdev=vdev)
+
+
+def test_the_agent_lets_the_zone_grant_as_many_pages_as_it_has(tmp_path: Path) -> None:
+    """gntalloc's limit rises to the zone's memory in pages (pinned buffers are granted pages),
+    never falls, and a zone without gntalloc keeps going."""
+    limit, meminfo = tmp_path / "limit", tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:         524288 kB\nMemFree:          100 kB\n")
+    limit.write_text("1024\n")
+    assert xen.allow_granting_memory(limit, meminfo) == 131072
+    assert limit.read_text() == "131072"
+    limit.write_text("1000000\n")
+    assert xen.allow_granting_memory(limit, meminfo) == 1000000
+    assert limit.read_text() == "1000000\n"
+    assert xen.allow_granting_memory(tmp_path / "absent", meminfo) is None

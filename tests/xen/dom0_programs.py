@@ -15,7 +15,7 @@ from libvgpu.build import build, cuda_include
 ROOT = Path(__file__).resolve().parent.parent.parent
 PROGRAMS_OUT = ROOT / "build" / "dom0"
 C_DIR = ROOT / "tests" / "libvgpu" / "c"
-PROGRAMS = ("round_trip", "init_only")
+PROGRAMS = ("round_trip", "init_only", "pinned")
 # What round_trip prints for its default 1 MiB (tests/libvgpu/test_grant_link.py checks it
 # against Python's computation and a LocalLink run on the host).
 ROUND_TRIP_1MIB = "8460c6b9431747be"

@@ -26,6 +26,7 @@ EXPECTED = {
     "test_xl_failure_is_a_zone_error_with_xls_words",
     "test_recovery_destroys_vgpu_domains_nobody_tracks",
     "test_a_cuda_program_round_trips_over_the_brokers_grant_link",
+    "test_pinned_memory_is_granted_to_gpu_proxy_and_copies_carry_no_data",
     "test_the_process_loses_its_gpu_when_gpu_proxys_side_goes",
     "test_two_zones_boot_the_agent_from_shared_read_only_disks",
     "test_a_gpu_pod_is_a_domu_whose_cuda_calls_cross_grant_pages",

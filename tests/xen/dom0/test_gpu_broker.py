@@ -30,7 +30,11 @@ from tests.xen.dom0_programs import PROGRAMS_OUT, ROUND_TRIP_1MIB
 pytestmark = pytest.mark.dom0
 
 ZONE = "dom0-loopback"
-LIMIT = 64 << 20
+LIMIT = 256 << 20
+# gntalloc's limit on granted pages while the pinned-memory test runs: every buffer of
+# tests/libvgpu/c/pinned.c fits but the second of its two 64 MiB buffers (16385 pages each).
+GNTALLOC_LIMIT = Path("/sys/module/xen_gntalloc/parameters/limit")
+GRANT_PAGES = 20_000
 # Under emulation a process start, cuInit and the hello take seconds; leave ample room.
 RUN_TIMEOUT_S = 300
 
@@ -113,13 +117,14 @@ def run_env(broker: GrantChannelBroker) -> dict[str, str]:
     return {"VGPU_LINK": "grant", "VGPU_PROXY_SOCKET": str(broker.socket_path)}
 
 
-def test_a_cuda_program_round_trips_over_the_brokers_grant_link(
-    xs: Xenstore, registry: ZoneRegistry, broker: GrantChannelBroker
-) -> None:
-    own = xs.own_domid()
+def run_served(
+    xs: Xenstore, registry: ZoneRegistry, broker: GrantChannelBroker, name: str
+) -> subprocess.CompletedProcess[str]:
+    """Run program ``name`` through the broker while gpu-proxy's part serves its channel; it
+    must succeed."""
     host = Host(xs, registry, ["gpu-0"])
     proc = subprocess.run(
-        [program("round_trip")],
+        [program(name)],
         env=run_env(broker),
         capture_output=True,
         text=True,
@@ -128,12 +133,55 @@ def test_a_cuda_program_round_trips_over_the_brokers_grant_link(
     )
     host.join()
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def test_a_cuda_program_round_trips_over_the_brokers_grant_link(
+    xs: Xenstore, registry: ZoneRegistry, broker: GrantChannelBroker
+) -> None:
+    own = xs.own_domid()
+    proc = run_served(xs, registry, broker, "round_trip")
     assert proc.stdout.splitlines() == [f"checksum={ROUND_TRIP_1MIB}", "ok"]
     # The process has exited: the broker withdrew the offer, gpu-proxy closed its side.
     wait_for("the offer to be withdrawn", lambda: xs.read(zone_path(own, "gpu-0")) is None)
     wait_for("gpu-proxy to close", lambda: xs.read(host_path(own, own, "gpu-0")) is None)
     wait_for("the broker to forget it", lambda: broker.channels() == [])
     assert zone_of(registry).memory() == (0, LIMIT)  # freed by the program, nothing held
+
+
+def gntdev_mappings() -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if "gntdev" in line]
+
+
+def test_pinned_memory_is_granted_to_gpu_proxy_and_copies_carry_no_data(
+    xs: Xenstore, registry: ZoneRegistry, broker: GrantChannelBroker
+) -> None:
+    """cuMemAllocHost buffers are pages granted to gpu-proxy's domain (real gntalloc), mapped
+    by gpu-proxy (real gntdev): copies name (arena, offset, length). A buffer gntalloc cannot
+    grant (its limit, lowered here) is copied through the channel instead, said once on stderr;
+    every checksum holds either way, and everything is unmapped when the process is done."""
+    own = xs.own_domid()
+    before = GNTALLOC_LIMIT.read_text()
+    GNTALLOC_LIMIT.write_text(str(GRANT_PAGES))
+    try:
+        proc = run_served(xs, registry, broker, "pinned")
+    finally:
+        GNTALLOC_LIMIT.write_text(before)
+    sizes = [int(m) for m in re.findall(r"^pinned (\d+) ", proc.stdout, re.M)]
+    assert sizes == [1, 4096, 65537, (4 << 20) + 5, (64 << 20) + 1]
+    [line] = proc.stderr.splitlines()
+    assert re.fullmatch(
+        r"libvgpu: granting 16385 pages of pinned memory to gpu-proxy failed .*", line
+    )
+    calls = zone_of(registry).stats.snapshot().calls
+    counted = {api: sum(n for (a, _), n in calls.items() if a == api) for api, _ in calls}
+    # 13 buffers, as over a LocalLink (tests/libvgpu/test_pinned.py), less the one refused.
+    assert counted["vgpuHostShareGrants"] == counted["vgpuHostUnshare"] == 12
+    assert "vgpuHostShare" not in counted
+    assert counted["vgpuMemcpyHtoDSharedAsync"] >= 5 and counted["vgpuMemcpyDtoHSharedAsync"] >= 5
+    wait_for("gpu-proxy to close", lambda: xs.read(host_path(own, own, "gpu-0")) is None)
+    wait_for("gpu-proxy to unmap every granted page", lambda: gntdev_mappings() == [])
+    assert zone_of(registry).memory() == (0, LIMIT)
 
 
 def test_the_process_loses_its_gpu_when_gpu_proxys_side_goes(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,9 +61,16 @@ def test_a_gpu_pod_is_a_domu_whose_cuda_calls_cross_grant_pages(stack: Stack) ->
     assert code == 0, (lines, stack.diagnostics())
     assert any("(vgpu sim)" in line and "64 MiB (the zone's quota)" in line for line in lines)
     assert any((m := CHECKSUM.search(line)) and m.group(1) == "2" for line in lines), lines
-    # gpu-proxy served the program over the zone's grant channel, as zone dom<domid>.
+    assert any(line.startswith("pinned: 2 MiB") and "verified" in line for line in lines), lines
+    # gpu-proxy served the program over the zone's grant channel, as zone dom<domid>, and mapped
+    # its two cudaMallocHost buffers from the pages the domU granted it.
     attached = stack.proxy.logged("xen channel attached")
     assert attached is not None and attached["zone"] == f"dom{domid}", stack.diagnostics()
+    with urllib.request.urlopen(stack.proxy.metrics_url, timeout=30) as response:
+        metrics = response.read().decode()
+    labels = f'api="vgpuHostShareGrants",result="CUDA_SUCCESS",zone="dom{domid}"'
+    shared = f"vgpu_calls_total{{{labels}}}"
+    assert f"{shared} 2.0" in metrics, [m for m in metrics.splitlines() if "HostShare" in m]
 
     remove_pod(stack, pod)
     assert f"vgpu-{pod.id}" not in vgpu_domains()
