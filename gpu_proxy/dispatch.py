@@ -11,7 +11,7 @@ asynchronous errors.
 import time
 from collections.abc import Callable
 
-from cuda.bindings.driver import CUresult
+from cuda.bindings.driver import CUdevice_attribute, CUresult
 
 from gpu_proxy.backends.base import Buffer, Stream
 from gpu_proxy.errors import (
@@ -47,6 +47,31 @@ MAX_HOST_MARKS = 4096
 KEEPS_DEFERRED_ERROR = frozenset({"vgpuHostFuncPoll"})
 
 H = HandleKind
+# Device attributes of features a zone cannot use through gpu-proxy, reported as 0 whatever the
+# GPU has: virtual memory management and shareable handles (a zone's memory is cuMemAlloc'd and
+# charged here), stream memory operations, GPUDirect RDMA, IPC (refused), compression (needs
+# VMM), multicast. libvgpu has their entry points, answering CUDA_ERROR_NOT_SUPPORTED.
+ATTRIBUTES_OFF_IN_ZONES = frozenset(
+    int(getattr(CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}"))
+    for name in (
+        "CAN_USE_STREAM_MEM_OPS_V1",
+        "CAN_USE_64_BIT_STREAM_MEM_OPS_V1",
+        "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED",
+        "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED",
+        "HANDLE_TYPE_WIN32_HANDLE_SUPPORTED",
+        "HANDLE_TYPE_WIN32_KMT_HANDLE_SUPPORTED",
+        "GENERIC_COMPRESSION_SUPPORTED",
+        "GPU_DIRECT_RDMA_SUPPORTED",
+        "GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS",
+        "MEMPOOL_SUPPORTED_HANDLE_TYPES",
+        "CAN_USE_64_BIT_STREAM_MEM_OPS",
+        "IPC_EVENT_SUPPORTED",
+        "HANDLE_TYPE_FABRIC_SUPPORTED",
+        "MULTICAST_SUPPORTED",
+        "HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED",
+        "HOST_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED",
+    )
+)
 
 
 def _stream(caller: Caller, handle: int) -> Stream | None:
@@ -126,7 +151,9 @@ class ProxyCalls(CallHandlers[Caller]):
     ) -> c.cuDeviceGetAttribute_Reply | int:
         _check_device(req.dev)
         value = ctx.zone.backend.device_info().attributes.get(req.attrib)
-        return CUDA_ERROR_INVALID_VALUE if value is None else c.cuDeviceGetAttribute_Reply(value)
+        if value is None:
+            return CUDA_ERROR_INVALID_VALUE
+        return c.cuDeviceGetAttribute_Reply(0 if req.attrib in ATTRIBUTES_OFF_IN_ZONES else value)
 
     # -- contexts: one per zone ---------------------------------------------------------------
 

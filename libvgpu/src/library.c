@@ -317,3 +317,17 @@ VGPU_API CUresult CUDAAPI cuLibraryUnload(CUlibrary library)
     free_library(&l->obj);
     return CUDA_SUCCESS;
 }
+
+/* Libraries are loaded as modules when first used, as the driver's lazy loading (its default
+ * since CUDA 12.2) loads functions: cudart asks at start-up. */
+VGPU_API CUresult CUDAAPI cuModuleGetLoadingMode(CUmoduleLoadingMode *mode)
+{
+    CUresult r = vgpu_require_init();
+
+    if (r)
+        return r;
+    if (!mode)
+        return CUDA_ERROR_INVALID_VALUE;
+    *mode = CU_MODULE_LAZY_LOADING;
+    return CUDA_SUCCESS;
+}

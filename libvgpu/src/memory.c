@@ -94,6 +94,8 @@ VGPU_API CUresult CUDAAPI cuMemFree_v2(CUdeviceptr dptr)
     struct iovec iov = {req, 0};
     CUresult r = vgpu_require_init();
 
+    if (!r && dptr == 0)
+        return CUDA_SUCCESS; /* nothing to free: cudart's cudaFree(0), which starts a context */
     if (!r)
         r = vgpu_check_freeable(dptr);
     if (r)

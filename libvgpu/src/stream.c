@@ -259,3 +259,76 @@ VGPU_API CUresult CUDAAPI cuStreamWaitEvent(CUstream hStream, CUevent hEvent, un
 
 CUresult CUDAAPI cuStreamWaitEvent_ptsz(CUstream hStream, CUevent hEvent, unsigned int Flags)
     VGPU_ALIAS(cuStreamWaitEvent);
+
+/* Stream capture: libvgpu offers no graphs (cuStreamBeginCapture is not an entry point), so no
+ * stream is ever capturing. PyTorch asks before every allocation (cudaStreamIsCapturing). */
+VGPU_API CUresult CUDAAPI cuStreamIsCapturing(CUstream hStream,
+                                              CUstreamCaptureStatus *captureStatus)
+{
+    uint64_t id;
+    CUresult r = vgpu_stream_handle_id(hStream, &id);
+
+    if (r)
+        return r;
+    if (!captureStatus)
+        return CUDA_ERROR_INVALID_VALUE;
+    *captureStatus = CU_STREAM_CAPTURE_STATUS_NONE;
+    return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuStreamIsCapturing_ptsz(CUstream hStream, CUstreamCaptureStatus *captureStatus)
+    VGPU_ALIAS(cuStreamIsCapturing);
+
+/* The capture information of a stream that is not capturing: only the status is defined. */
+VGPU_API CUresult CUDAAPI cuStreamGetCaptureInfo_v3(CUstream hStream,
+                                                    CUstreamCaptureStatus *captureStatus_out,
+                                                    cuuint64_t *id_out, CUgraph *graph_out,
+                                                    const CUgraphNode **dependencies_out,
+                                                    const CUgraphEdgeData **edgeData_out,
+                                                    size_t *numDependencies_out)
+{
+    (void)id_out, (void)graph_out, (void)dependencies_out, (void)edgeData_out;
+    (void)numDependencies_out;
+    return cuStreamIsCapturing(hStream, captureStatus_out);
+}
+
+CUresult CUDAAPI cuStreamGetCaptureInfo_v3_ptsz(CUstream hStream,
+                                                CUstreamCaptureStatus *captureStatus_out,
+                                                cuuint64_t *id_out, CUgraph *graph_out,
+                                                const CUgraphNode **dependencies_out,
+                                                const CUgraphEdgeData **edgeData_out,
+                                                size_t *numDependencies_out)
+    VGPU_ALIAS(cuStreamGetCaptureInfo_v3);
+
+VGPU_API CUresult CUDAAPI cuStreamGetCaptureInfo_v2(CUstream hStream,
+                                                    CUstreamCaptureStatus *captureStatus_out,
+                                                    cuuint64_t *id_out, CUgraph *graph_out,
+                                                    const CUgraphNode **dependencies_out,
+                                                    size_t *numDependencies_out)
+{
+    (void)id_out, (void)graph_out, (void)dependencies_out, (void)numDependencies_out;
+    return cuStreamIsCapturing(hStream, captureStatus_out);
+}
+
+CUresult CUDAAPI cuStreamGetCaptureInfo_v2_ptsz(CUstream hStream,
+                                                CUstreamCaptureStatus *captureStatus_out,
+                                                cuuint64_t *id_out, CUgraph *graph_out,
+                                                const CUgraphNode **dependencies_out,
+                                                size_t *numDependencies_out)
+    VGPU_ALIAS(cuStreamGetCaptureInfo_v2);
+
+/* The calling thread's capture interaction mode: kept (and exchanged) though no capture can
+ * start, because cudart and PyTorch set it around sections that must not be captured. */
+VGPU_API CUresult CUDAAPI cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode)
+{
+    static _Thread_local CUstreamCaptureMode current = CU_STREAM_CAPTURE_MODE_GLOBAL;
+    CUstreamCaptureMode previous = current;
+
+    if (!mode || (*mode != CU_STREAM_CAPTURE_MODE_GLOBAL &&
+                  *mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+                  *mode != CU_STREAM_CAPTURE_MODE_RELAXED))
+        return CUDA_ERROR_INVALID_VALUE;
+    current = *mode;
+    *mode = previous;
+    return CUDA_SUCCESS;
+}

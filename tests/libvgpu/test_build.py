@@ -59,6 +59,21 @@ EXPORTS = {
     "cuEventRecord_ptsz",
     "cuEventSynchronize", "cuEventQuery", "cuEventElapsedTime", "cuEventElapsedTime_v2",
     "cuEventDestroy", "cuEventDestroy_v2",
+    # stream capture (never: no graphs) and the loading mode
+    "cuStreamIsCapturing", "cuStreamIsCapturing_ptsz", "cuStreamGetCaptureInfo_v2",
+    "cuStreamGetCaptureInfo_v2_ptsz", "cuStreamGetCaptureInfo_v3",
+    "cuStreamGetCaptureInfo_v3_ptsz", "cuThreadExchangeStreamCaptureMode",
+    "cuModuleGetLoadingMode",
+    # features not offered to zones (unsupported.c): present, answering NOT_SUPPORTED
+    "cuMemAddressReserve", "cuMemAddressFree", "cuMemCreate", "cuMemRelease", "cuMemMap",
+    "cuMemUnmap", "cuMemSetAccess", "cuMemGetAllocationGranularity",
+    "cuMemGetAllocationPropertiesFromHandle", "cuMemRetainAllocationHandle",
+    "cuMemExportToShareableHandle", "cuMemImportFromShareableHandle", "cuStreamWriteValue32_v2",
+    "cuStreamWriteValue32_v2_ptsz", "cuMulticastCreate", "cuMulticastAddDevice",
+    "cuMulticastBindMem", "cuMulticastUnbind", "cuGreenCtxCreate", "cuGreenCtxDestroy",
+    "cuGreenCtxStreamCreate", "cuCtxFromGreenCtx", "cuDeviceGetDevResource",
+    "cuDevSmResourceSplitByCount", "cuDevResourceGenerateDesc", "cuLogsRegisterCallback",
+    "cuLogsUnregisterCallback",
     # inter-process sharing (gpu-proxy refuses it)
     "cuIpcGetMemHandle", "cuIpcOpenMemHandle", "cuIpcOpenMemHandle_v2", "cuIpcCloseMemHandle",
     "cuIpcGetEventHandle", "cuIpcOpenEventHandle",

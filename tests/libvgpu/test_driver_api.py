@@ -10,6 +10,7 @@ from pathlib import Path
 
 from devkit.daemons import GpuProxyDaemon
 from gpu_proxy.backends.sim import SimBackend
+from gpu_proxy.dispatch import ATTRIBUTES_OFF_IN_ZONES
 from idm.channel import ChannelError
 from idm.links.local import LocalListener
 from idm.wire import MAX_PAYLOAD, TABLE_DIGEST
@@ -37,7 +38,11 @@ def test_device_query_is_answered_from_the_snapshot(
     assert int(out["total"]) == ZONES["device"]  # the zone's quota, not the GPU's memory
     assert out["cc"] == "{}.{}".format(*info.compute_capability)
     reported = {int(k[4:]): int(v) for k, v in out.items() if k.startswith("attr")}
-    assert reported == dict(info.attributes)
+    # The GPU's, except features a zone cannot use through gpu-proxy, which read as absent.
+    assert reported == {
+        k: 0 if k in ATTRIBUTES_OFF_IN_ZONES else v for k, v in info.attributes.items()
+    }
+    assert any(info.attributes[k] for k in ATTRIBUTES_OFF_IN_ZONES)
 
 
 def test_memory_round_trips_from_one_byte_to_64_mib(
@@ -77,6 +82,20 @@ def test_host_functions_pools_and_module_variables(
 ) -> None:
     cubin = str(modules["kernels.cubin"])
     passed(run(programs["stream_order"], cubin, socket=zone_socket(proxy, "stream_order")))
+
+
+def test_absent_features_have_entry_points_that_refuse(
+    programs: Programs, proxy: GpuProxyDaemon
+) -> None:
+    proc = run(programs["absent_features"], socket=zone_socket(proxy, "device"))
+    assert passed(proc).splitlines() == ["ok"]
+    # Each refused feature is said once on stderr, naming the first call that asked.
+    assert proc.stderr.splitlines() == [
+        "libvgpu: cuMemAddressReserve: CUDA_ERROR_NOT_SUPPORTED: zones are not offered virtual "
+        "memory management (cuMemCreate, cuMemMap, ...) (the device attribute says so)",
+        "libvgpu: cuStreamWriteValue32_v2: CUDA_ERROR_NOT_SUPPORTED: zones are not offered "
+        "stream memory operations (the device attribute says so)",
+    ]
 
 
 def test_inter_process_sharing_is_refused_by_gpu_proxy(

@@ -32,6 +32,7 @@ static void handles(void)
     EXPECT(cuMemcpyDtoH(host, p, 64), CUDA_ERROR_INVALID_VALUE);
     EXPECT(cuMemsetD8Async(p, 0, 64, NULL), CUDA_ERROR_INVALID_VALUE); /* at once, not later */
     EXPECT(cuMemFree((CUdeviceptr)host), CUDA_ERROR_INVALID_VALUE);
+    CHECK(cuMemFree(0)); /* no-op, as cudart's cudaFree(0) relies on */
 
     CHECK(cuStreamCreate(&s, 0));
     CHECK(cuStreamDestroy(s));
