@@ -557,9 +557,9 @@ def call_handlers(caller: Caller) -> dict[int, Handler]:
 
     def handle(header: Header, payload: memoryview) -> Reply | None:
         entry = DISPATCH[header.opcode]
-        if not entry.is_async and caller.deferred_error and entry.name not in KEEPS_DEFERRED_ERROR:
-            status, caller.deferred_error = caller.deferred_error, 0
-            return Reply(status)
+        deferred = _take_deferred(caller, entry.name, entry.is_async)
+        if deferred is not None:
+            return deferred
         started = time.perf_counter()
         try:
             status, reply = invoke(HANDLERS, caller, entry, payload)
@@ -570,6 +570,15 @@ def call_handlers(caller: Caller) -> dict[int, Handler]:
         return _finish(caller, entry.name, entry.is_async, status, reply, started)
 
     return dict.fromkeys(DISPATCH, handle)
+
+
+def _take_deferred(caller: Caller, name: str, is_async: bool) -> Reply | None:
+    """A sync call answers the caller's kept fire-and-forget error instead of running (the
+    calls in KEEPS_DEFERRED_ERROR leave it for the application's next call)."""
+    if is_async or not caller.deferred_error or name in KEEPS_DEFERRED_ERROR:
+        return None
+    status, caller.deferred_error = caller.deferred_error, 0
+    return Reply(status)
 
 
 def _finish(
@@ -616,9 +625,9 @@ def streamed_handlers(caller: Caller) -> dict[int, StreamedHandler]:
         entry = DISPATCH[header.opcode]
         head_struct = entry.codec.request_head
         assert head_struct is not None
-        if not entry.is_async and caller.deferred_error:
-            status, caller.deferred_error = caller.deferred_error, 0
-            return Reply(status)
+        deferred = _take_deferred(caller, entry.name, entry.is_async)
+        if deferred is not None:
+            return deferred
         started = time.perf_counter()
         try:
             if reader.remaining < head_struct.size:

@@ -19,7 +19,6 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-DIGEST_BYTES = 32
 DEFAULT_MODULE_CACHE_BYTES = 1 << 30
 
 

@@ -745,15 +745,12 @@ class SimBackend:
     def memcpy_htod(self, ctx: Context, dst: int, data: Buffer, stream: Stream | None) -> None:
         """The source bytes are taken now, so the caller may reuse its buffer at once: the
         legacy stream copies them before returning, another stream keeps a copy until it runs."""
-        c = self._ctx(ctx)
         view = memoryview(data).cast("B")
-        size = len(view)
-        slab, off = self._span(c, dst, size)
-        if stream is None:
-            self._submit(c, None, lambda: _copy(slab, off, view, 0, size))
-        else:
-            payload = bytes(view)
-            self._submit(c, stream, lambda: _copy(slab, off, payload, 0, size))
+
+        def fill(into: memoryview) -> None:
+            into[:] = view
+
+        self.memcpy_htod_from(ctx, dst, len(view), fill, stream)
 
     def memcpy_htod_from(
         self, ctx: Context, dst: int, size: int, fill: Fill, stream: Stream | None

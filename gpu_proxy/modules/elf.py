@@ -350,15 +350,14 @@ def _per_symbol(info: bytes, attr: int) -> dict[int, int]:
     return out
 
 
-def _shared_static(name: str, by_name: dict[str, _Section]) -> int:
+def _shared_static(name: str, by_name: dict[str, _Section], reserved: bool) -> int:
     """Static shared memory of kernel `name`: the size of its `.nv.shared.<name>` section. nvcc
     13 for sm_90 places shared variables after the 1 KiB the hardware reserves per block and
-    says so with a `.nv.shared.reserved.N` section; the kernel's section then spans that window,
-    which is not the kernel's own memory."""
+    says so with a `.nv.shared.reserved.N` section (`reserved`); the kernel's section then spans
+    that window, which is not the kernel's own memory."""
     sec = by_name.get(f".nv.shared.{name}")
     if sec is None:
         return 0
-    reserved = any(n.startswith(".nv.shared.reserved.") for n in by_name)
     return sec.size - RESERVED_SHARED if reserved and sec.size >= RESERVED_SHARED else sec.size
 
 
@@ -379,6 +378,7 @@ def parse_cubin(data: bytes) -> Cubin:
     frames = _per_symbol(module_bytes, EIATTR_FRAME_SIZE)
     constants = by_name.get(".nv.constant3")
     const_bytes = constants.size if constants is not None else 0
+    reserved = any(n.startswith(".nv.shared.reserved.") for n in by_name)
     kernels: dict[str, KernelInfo] = {}
     for index, name in _entry_symbols(data, symtabs[0], sections, budget):
         if name in kernels:
@@ -388,7 +388,7 @@ def parse_cubin(data: bytes) -> Cubin:
         layout = kernel_info(name, info_bytes)
         attributes = KernelAttributes(
             num_regs=regs.get(index, 0),
-            shared_static=_shared_static(name, by_name),
+            shared_static=_shared_static(name, by_name, reserved),
             const_bytes=const_bytes,
             local_bytes=frames.get(index, 0),
             max_threads=_max_threads(info_bytes, f".nv.info.{name}"),

@@ -16,16 +16,6 @@
 #define ENTRY_FIXED 36u /* nine u32 after the name */
 #define PARAMS_MAX 32764u
 
-static uint32_t rd16(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8;
-}
-
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 /* One entry at p (len bytes left) into k; its size, or 0 if malformed. */
 static size_t read_entry(const uint8_t *p, size_t len, struct vgpu_kernel *k)
 {
@@ -34,12 +24,12 @@ static size_t read_entry(const uint8_t *p, size_t len, struct vgpu_kernel *k)
 
     if (len < 2)
         return 0;
-    name_len = rd16(p);
+    name_len = vgpu_rd16(p);
     pos = 2 + name_len;
     if (name_len == 0 || len < pos + ENTRY_FIXED || memchr(p + 2, '\0', name_len))
         return 0;
     for (int i = 0; i < 9; i++)
-        f[i] = rd32(p + pos + 4 * (size_t)i);
+        f[i] = vgpu_rd32(p + pos + 4 * (size_t)i);
     pos += ENTRY_FIXED;
     /* f: parameter bytes, count, attributes known, registers, shared, constants, local,
      * launch-bound threads, SM */
@@ -52,7 +42,7 @@ static size_t read_entry(const uint8_t *p, size_t len, struct vgpu_kernel *k)
     k->param_bytes = f[0];
     k->nparams = f[1];
     for (uint32_t i = 0; i < f[1]; i++, pos += 4) {
-        k->params[i] = (struct vgpu_param){rd16(p + pos), rd16(p + pos + 2)};
+        k->params[i] = (struct vgpu_param){vgpu_rd16(p + pos), vgpu_rd16(p + pos + 2)};
         if (k->params[i].offset + k->params[i].size > k->param_bytes)
             return 0;
     }
@@ -81,12 +71,12 @@ CUresult vgpu_kernels_fetch(uint64_t module_id, struct vgpu_kernels *out)
             r = CUDA_ERROR_UNKNOWN;
             break;
         }
-        count = rd32(page + 4);
+        count = vgpu_rd32(page + 4);
         if (out->count == 0) {
-            total = rd32(page);
+            total = vgpu_rd32(page);
             if (!(out->kernels = calloc(total ? total : 1, sizeof(*out->kernels))))
                 r = CUDA_ERROR_OUT_OF_MEMORY;
-        } else if (rd32(page) != total) {
+        } else if (vgpu_rd32(page) != total) {
             r = CUDA_ERROR_UNKNOWN;
         }
         if (!r && (count > total - out->count || (count == 0 && out->count < total)))

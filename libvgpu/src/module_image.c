@@ -19,21 +19,6 @@
 #define FATBIN_HEADER 16u
 #define MAX_IMAGE VGPU_MAX_cuModuleLoadData_image
 
-static uint16_t rd16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] | p[1] << 8);
-}
-
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t rd64(const uint8_t *p)
-{
-    return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32;
-}
-
 static int too_large(char *why, size_t why_len, const char *what)
 {
     snprintf(why, why_len, "%s extends past the %u-byte limit of one module image", what,
@@ -121,8 +106,8 @@ int vgpu_image_size(const void *image, size_t *size, char *why, size_t why_len)
     }
     if (memcmp(p, ELFMAG, SELFMAG) == 0)
         return elf_size(p, size, why, why_len);
-    if (rd32(p) == FATBIN_MAGIC) {
-        uint64_t header = rd16(p + 6), entries = rd64(p + 8);
+    if (vgpu_rd32(p) == FATBIN_MAGIC) {
+        uint64_t header = vgpu_rd16(p + 6), entries = vgpu_rd64(p + 8);
         if (header < FATBIN_HEADER || entries > MAX_IMAGE || header + entries > MAX_IMAGE)
             return too_large(why, why_len, "the fatbin");
         *size = (size_t)(header + entries);

@@ -251,6 +251,22 @@ void vgpu_host_funcs_atfork(enum vgpu_fork_phase phase);
 
 /* ---- module_image.c, kernel_table.c, sha256.c: module images and their kernels ---------- */
 
+/* Little-endian fields of what is read byte by byte: module images and kernel tables. */
+static inline uint16_t vgpu_rd16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static inline uint32_t vgpu_rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t vgpu_rd64(const uint8_t *p)
+{
+    return (uint64_t)vgpu_rd32(p) | (uint64_t)vgpu_rd32(p + 4) << 32;
+}
+
 struct vgpu_param {
     uint32_t offset;
     uint32_t size;
